@@ -26,15 +26,27 @@ def parse_value(key: str, text: str, default):
     return text
 
 
-def parse_args(defaults: dict, argv=None) -> dict:
-    """Apply --key=value overrides to a copy of `defaults`, then print the resolved config."""
-    config = dict(defaults)
+class Config(dict):
+    """A dict whose keys also read as attributes: cfg.lr is cfg["lr"]."""
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+def parse_args(defaults: dict, argv=None) -> Config:
+    """Apply --key=value overrides to a copy of `defaults`; a key given twice is an error."""
+    config, seen = Config(defaults), set()
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith("--") or "=" not in arg:
             raise SystemExit(f"expected --key=value, got {arg!r}")
         key, text = arg[2:].split("=", 1)
         if key not in defaults:
             raise SystemExit(f"unknown option --{key}; known: {', '.join(sorted(defaults))}")
+        if key in seen:
+            raise SystemExit(f"--{key} is given twice; give it once")
+        seen.add(key)
         config[key] = parse_value(key, text, defaults[key])
     return config
 
@@ -51,12 +63,41 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-def resolve_dtype(name: str, device: str):
-    """'auto' = bf16 on a GPU, fp32 on CPU (where bf16 matmuls are slower, not faster)."""
+PRECISIONS = ("auto", "float32", "bf16-mixed", "bf16-true")
+
+
+def resolve_precision(name: str, device: str):
+    """(weight dtype, autocast context factory) for --dtype, the same meaning in every script:
+      float32     fp32 weights, fp32 math;
+      bf16-mixed  fp32 weights (the master copy the optimizer updates), bf16 math under autocast,
+                  on CUDA and on CPU alike (so the CPU tests run the GPU's code path);
+      bf16-true   bf16 weights and math: inference, or a frozen LoRA base; never trained weights;
+      auto        bf16-mixed on CUDA, float32 on CPU (where bf16 matmuls are slower, not faster)."""
+    import contextlib
+
     import torch
+    if name not in PRECISIONS:
+        raise SystemExit(f"--dtype: expected one of {', '.join(PRECISIONS)}, got {name!r}")
     if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise SystemExit(f"--dtype: expected auto or one of {sorted(dtypes)}, got {name!r}")
-    return dtypes[name]
+        name = "bf16-mixed" if device.startswith("cuda") else "float32"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if name == "bf16-mixed":
+        return torch.float32, lambda: torch.autocast(device_type, dtype=torch.bfloat16)
+    return (torch.bfloat16 if name == "bf16-true" else torch.float32), contextlib.nullcontext
+
+
+_last_progress = {}
+
+
+def progress(label: str, done: int, total: int, t0: float, unit="questions"):
+    """One progress line with rate and ETA on stderr: redrawn in place on a terminal; in a log file,
+    at most one line every 30 s and the last one, so nothing floods it."""
+    import time
+    now = time.time()
+    rate = done / max(now - t0, 1e-9)
+    line = f"{label}: {done}/{total} {unit}, {rate:.2f}/s, ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min"
+    if sys.stderr.isatty():
+        print(f"\r{line}\033[K", end="\n" if done >= total else "", file=sys.stderr, flush=True)
+    elif done >= total or now - _last_progress.get(label, 0) >= 30:
+        _last_progress[label] = now
+        print(line, file=sys.stderr, flush=True)

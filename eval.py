@@ -38,10 +38,11 @@ import time
 
 import torch
 
-from cli import parse_args, print_config, resolve_device, resolve_dtype
-from model import Transformer, load_config, safetensors_files, token_logprobs
-from reward import (INSTRUCTION, THINK_END, answer_ids, answer_logc, build_batch, delimiter_ids, extract_answer,
-                    is_correct, load_qa, normalize_answer, prompt_ids)
+from cli import parse_args, print_config, progress, resolve_device, resolve_precision
+from data import (INSTRUCTION, THINK_END, answer_ids, delimiter_ids, extract_answer, is_correct, json_safe, load_qa,
+                  load_rows, normalize_answer, prompt_ids, resolve_paths)
+from model import Transformer
+from reward import HARD_THRESHOLD, hard_tokens, sample_traces, score_answers
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -54,7 +55,7 @@ DEFAULTS = dict(
     k=1,                  # pass@k with sampled traces when > 1
     n_samples=0,          # traces sampled per question for pass@k (0 = k)
     temperature=1.0,      # of the sampled traces
-    instruction=INSTRUCTION,  # the prompt format: reward.py's defaults, which train.py uses too,
+    instruction=INSTRUCTION,  # the prompt format: data.py's defaults, which train.py uses too,
     think_end=THINK_END,      # so a model is evaluated as it was trained
     system="",
     max_think_tokens=48,
@@ -62,12 +63,10 @@ DEFAULTS = dict(
     batch_size=32,        # questions per chunk
     seed=1337,
     device="auto",
-    dtype="auto",         # auto = bf16 on CUDA, fp32 on CPU
+    dtype="auto",         # auto | float32 | bf16-mixed | bf16-true; auto is what train.py's own eval uses
     out="",               # per-example JSONL; default out/eval_<model>[_vs_<other>].jsonl
+    overwrite=False,      # replace an existing --out file
 )
-HERE = os.path.dirname(os.path.abspath(__file__))
-SUITES = {"default": ["arithmetic", "object_counting"],
-          "all": ["arithmetic", "object_counting", "qa_wikidata", "strategyqa"]}
 # summary key -> the per-example value it averages: deltas of these get a paired confidence interval
 PAIRED = dict(accuracy="correct", accuracy_direct="correct_direct", accuracy_mc="correct_mc",
               accuracy_mc_direct="correct_mc_direct", accuracy_sampled="accuracy_sampled",
@@ -102,15 +101,6 @@ def pass_at_k(n, c, k):
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def traces(model, tok, prompts, opt, num_samples=1, temperature=0.0, generator=None):
-    """Trace ids (a final EOS dropped, as in training) and whether each wrote the delimiter itself."""
-    out = generate(model, prompts, num_samples=num_samples, max_new_tokens=opt["max_think_tokens"],
-                   temperature=temperature, stop_ids=tok.stop_ids, stop_strings=[opt["think_end"]],
-                   decode=tok.decode, generator=generator)
-    return ([z[:-1] if why == "stop_id" else z for z, why in zip(out.tokens, out.stop_reason)],
-            [why == "stop_string" for why in out.stop_reason])
-
-
 def greedy_answers(model, tok, contexts, budget):
     """Greedy continuation of each context (ending with the delimiter): (extracted answers, raw texts).
     A row stops at EOS or at the end of its first non-empty line (a plain newline stop string would
@@ -126,13 +116,12 @@ def answer_logc_rows(model, rows, delim, batch_size):
     """log c_i of each row's answer, rows = (prompt, trace, emitted, answer ids): a list of 1-D tensors."""
     out = []
     for i in range(0, len(rows), batch_size):
-        batch = build_batch(rows[i:i + batch_size], delim, model.embed.weight.device)
-        logc, mask = answer_logc(token_logprobs(model, batch.tokens, batch.answer_mask), batch.answer_mask)
+        _, _, logc, mask = score_answers(model, rows[i:i + batch_size], delim)
         out.extend(lc[m].float().cpu() for lc, m in zip(logc, mask))
     return out
 
 
-def score_answers(model, tok, exs, rows, prompts, options, conditions, delim, batch_size):
+def score_options(model, tok, exs, rows, prompts, options, conditions, delim, batch_size):
     """log c of the reference and Σ log c of each other option under every condition; the MC picks."""
     jobs, seqs = [], []
     for cond, (zs, ems) in conditions.items():  # "_direct" = empty trace, "" = after the greedy trace
@@ -171,7 +160,8 @@ def evaluate_chunk(model, tok, rows, start, opt, delim, generator):
     budget, n = max(budgets[i] for i in ok), len(ok)
     conditions = {"_direct": ([[]] * n, [False] * n)}
     if opt["think"]:
-        conditions[""] = traces(model, tok, prompts, opt)
+        zs, ems, _ = sample_traces(model, tok, prompts, opt["think_end"], opt["max_think_tokens"], temperature=0)
+        conditions[""] = (zs, ems)
         for e, z, em in zip(exs, *conditions[""]):
             e.update(trace=tok.decode(z), trace_len=len(z), emitted=em)
     # one generate call per condition: a joint call would pad the short direct contexts to the longest
@@ -181,11 +171,12 @@ def evaluate_chunk(model, tok, rows, start, opt, delim, generator):
         preds, raws = greedy_answers(model, tok, contexts, budget)
         for e, row, pred, raw in zip(exs, rows, preds, raws):
             e.update({"pred" + cond: pred, "correct" + cond: is_correct(pred, row), "raw" + cond: raw})
-    score_answers(model, tok, exs, rows, prompts, options, conditions, delim, opt["batch_size"])
+    score_options(model, tok, exs, rows, prompts, options, conditions, delim, opt["batch_size"])
     k, n_s = opt["k"], opt["n_samples"]
     step = max(1, opt["batch_size"] // n_s)  # ≈ batch_size sampled rows per generate call
     for s in range(0, n, step) if k > 1 else ():
-        zs, ems = traces(model, tok, prompts[s:s + step], opt, n_s, opt["temperature"], generator)
+        zs, ems, _ = sample_traces(model, tok, prompts[s:s + step], opt["think_end"], opt["max_think_tokens"], n_s,
+                                   opt["temperature"], generator)
         preds, _ = greedy_answers(model, tok, [prompts[s + j // n_s] + z + ([] if em else delim)
                                                for j, (z, em) in enumerate(zip(zs, ems))], budget)
         for j, (e, row) in enumerate(zip(exs[s:s + step], rows[s:s + step])):
@@ -195,7 +186,7 @@ def evaluate_chunk(model, tok, rows, start, opt, delim, generator):
 
 
 def evaluate(model, tok, rows, instruction="", system="", think_end=THINK_END, max_think_tokens=48,
-             max_answer_tokens=16, think=True, batch_size=16, hard_threshold=0.5, k=1, n_samples=0,
+             max_answer_tokens=16, think=True, batch_size=16, hard_threshold=HARD_THRESHOLD, k=1, n_samples=0,
              temperature=1.0, seed=0, on_examples=None, label=None):
     """Metrics on `rows` (dicts: question, answer, aliases?, options?) → (summary, per-example dicts).
 
@@ -213,9 +204,7 @@ def evaluate(model, tok, rows, instruction="", system="", think_end=THINK_END, m
         if on_examples:
             on_examples(chunk)
         if label:
-            rate = len(examples) / (time.time() - t0)
-            print(f"  {label}: {len(examples)}/{len(rows)} questions, {rate:.2f}/s, "
-                  f"ETA {(len(rows) - len(examples)) / rate / 60:.1f} min", file=sys.stderr, flush=True)
+            progress(label, len(examples), len(rows), t0)
     return summarize(examples, think, k, hard_threshold), examples
 
 
@@ -224,7 +213,7 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize(examples, think=True, k=1, hard_threshold=0.5):
+def summarize(examples, think=True, k=1, hard_threshold=HARD_THRESHOLD):
     """Data-set metrics from the per-example values (skipped questions are counted, not averaged)."""
     done = [e for e in examples if "skipped" not in e]
     col = lambda key: [e[key] for e in done if key in e]  # noqa: E731
@@ -239,7 +228,7 @@ def summarize(examples, think=True, k=1, hard_threshold=0.5):
                   "token_logprob" + c: mean(mean(lc) for lc in col("logc" + c))})
     # hard tokens: those the model misses without a trace (c^∅ < threshold), pooled over questions
     pairs = [(x, x0) for e in done for x, x0 in zip(e.get("logc", e["logc_direct"]), e["logc_direct"])]
-    hard = [(x, x0) for x, x0 in pairs if x0 < math.log(hard_threshold)]
+    hard = [(x, x0) for x, x0 in pairs if hard_tokens(torch.tensor(x0), hard_threshold)]
     s.update({"hard_token_logprob" + c: mean(x if c == "" else x0 for x, x0 in hard) for c in conds})
     s["frac_hard_tokens"] = len(hard) / len(pairs) if pairs else float("nan")
     if think:
@@ -290,25 +279,11 @@ def print_table(results, others=None, diffs=None):
             print(f"{key:<26}{fmt(b)}{fmt(others[name].get(key))}{delta}{ci}")
 
 
-def clean(x):
-    """NaN / inf → None, so that every line is strict JSON."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: clean(v) for k, v in x.items()}
-    return [clean(v) for v in x] if isinstance(x, (list, tuple)) else x
-
-
 def data_sets(spec, limit):
     """{name: rows} for each file / bundled name / suite in `spec`; any problem stops here, before work."""
-    paths = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        for name in SUITES.get(item, [item]):
-            bundled = os.path.join(HERE, "data", f"{name}_test.jsonl")
-            paths.append(bundled if not os.path.exists(name) and os.path.isfile(bundled) else name)
+    paths, sets = resolve_paths(spec), {}
     if not paths:
         raise SystemExit("--data: no data set given")
-    sets = {}
     for path in paths:
         name = os.path.splitext(os.path.basename(path))[0]
         try:
@@ -319,8 +294,31 @@ def data_sets(spec, limit):
     return sets
 
 
+def heldout_eval(model, tok, cfg, amp, label, before=None):
+    """train.py's before/after eval: an even mix of the first questions of each --test_data file,
+    with the training prompt; after training, the table of both next to each other."""
+    files = [p for p in cfg.test_data.split(",") if p]
+    if not files or cfg.eval_questions <= 0:
+        return None
+    rows = [row for path in files for row in load_rows(path, "test")[:max(1, cfg.eval_questions // len(files))]]
+    model.eval()
+    t0 = time.time()
+    with amp():
+        summary, _ = evaluate(model, tok, rows, cfg.instruction, cfg.system, cfg.think_end, cfg.max_think_tokens,
+                              think=cfg.method == "nrt", label=f"eval {label}")
+    print(f"eval ({label}, {len(rows)} held-out questions, {time.time() - t0:.0f}s): "
+          + " ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "n"), flush=True)
+    if before:
+        print("held-out                    before    after")
+        for key in summary:
+            if key != "n" and key in before:
+                print(f"  {key:<24} {before[key]:8.3f} {summary[key]:8.3f}")
+    return summary
+
+
 def load(model_dir, dtype=None, device="cpu"):
     """(model, tokenizer); with dtype=None only checks that both are there. A problem stops here."""
+    from checkpoint import load_config, safetensors_files
     try:
         tok = Tokenizer.from_pretrained(model_dir)
         if dtype is None:
@@ -334,16 +332,19 @@ def load(model_dir, dtype=None, device="cpu"):
 def main(argv=None):
     cfg = parse_args(DEFAULTS, argv)
     print_config(cfg)
-    if cfg["k"] < 1 or 0 < cfg["n_samples"] < cfg["k"] or cfg["k"] > 1 and not cfg["think"]:
+    if cfg.k < 1 or 0 < cfg.n_samples < cfg.k or cfg.k > 1 and not cfg.think:
         raise SystemExit(f"--k={cfg['k']} --n_samples={cfg['n_samples']}: pass@k needs k ≥ 1, n_samples 0 "
                          "(= k) or ≥ k, and --think=True (it samples reasoning traces)")
-    sets = data_sets(cfg["data"], cfg["limit"])
-    dirs = [d for d in (cfg["model_dir"], cfg["compare"]) if d]
+    sets = data_sets(cfg.data, cfg.limit)
+    dirs = [d for d in (cfg.model_dir, cfg.compare) if d]
     for d in dirs:  # fail now, not after the first model's whole run
         load(d)
-    device = resolve_device(cfg["device"])
+    device = resolve_device(cfg.device)
+    weight_dtype, amp = resolve_precision(cfg.dtype, device)
     name = lambda d: os.path.basename(os.path.normpath(d))  # noqa: E731
-    out = cfg["out"] or os.path.join("out", "eval_" + "_vs_".join(map(name, dirs)) + ".jsonl")
+    out = cfg.out or os.path.join("out", "eval_" + "_vs_".join(map(name, dirs)) + ".jsonl")
+    if os.path.exists(out) and not cfg.overwrite:
+        raise SystemExit(f"{out} exists; pass --overwrite=True to replace it, or --out=ANOTHER.jsonl")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     print(f"per-example predictions go to {out}, written as each chunk of questions finishes", flush=True)
     keys = ("instruction", "system", "think_end", "max_think_tokens", "max_answer_tokens", "think", "batch_size",
@@ -351,25 +352,26 @@ def main(argv=None):
     results, examples = [], []
     with open(out, "w", encoding="utf-8") as f:
         for d in dirs:
-            model, tok = load(d, resolve_dtype(cfg["dtype"], device), device)
+            model, tok = load(d, weight_dtype, device)
             results.append({}), examples.append({})
             for data, rows in sets.items():
                 def write(chunk, d=d, data=data):  # one line per question, flushed after every chunk
-                    f.write("".join(json.dumps(clean(dict(model_dir=d, data=data, **e))) + "\n" for e in chunk))
+                    f.write("".join(json.dumps(json_safe(dict(model_dir=d, data=data, **e))) + "\n" for e in chunk))
                     f.flush()
                 t0 = time.time()
-                results[-1][data], examples[-1][data] = evaluate(
-                    model, tok, rows, **{k: cfg[k] for k in keys}, on_examples=write, label=f"{name(d)} {data}")
+                with amp():
+                    results[-1][data], examples[-1][data] = evaluate(
+                        model, tok, rows, **{k: cfg[k] for k in keys}, on_examples=write, label=f"{name(d)} {data}")
                 print(f"{d} {data}: {len(rows)} questions in {time.time() - t0:.0f}s", flush=True)
             del model
-    line = dict(model_dir=cfg["model_dir"], results=results[0])
-    if cfg["compare"]:
+    line = dict(model_dir=cfg.model_dir, results=results[0])
+    if cfg.compare:
         diffs = {n: deltas(results[0][n], results[1][n], examples[0][n], examples[1][n]) for n in sets}
         print_table(results[0], results[1], diffs)
-        line.update(compare_dir=cfg["compare"], compare_results=results[1], deltas=diffs)
+        line.update(compare_dir=cfg.compare, compare_results=results[1], deltas=diffs)
     else:
         print_table(results[0])
-    print(json.dumps(clean(dict(line, out=out))), flush=True)
+    print(json.dumps(json_safe(dict(line, out=out))), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import atomic_write, hf_names
+from checkpoint import atomic_write, save_model
+from model import hf_names
 
 ATTN_TARGETS = ("wq", "wk", "wv", "wo")
 MLP_TARGETS = ("w_gate", "w_up", "w_down")
@@ -198,22 +199,11 @@ def load_adapters(model, path):
 
 @torch.no_grad()
 def save_merged(model, path, max_shard_bytes=5 * 2**30):
-    """Write the merged model (W + (alpha/r)·B·A) as a Hugging Face checkpoint, leaving `model` untouched.
-
-    The same files as `model.save_pretrained(path)` after `merge_lora(model)`, without merging in place,
-    so training can go on from the exact unmerged weights."""
-    from model import write_safetensors
+    """Write the merged model (W + (alpha/r)·B·A) as a Hugging Face checkpoint, leaving `model` untouched:
+    the same files as `save_pretrained` after `merge_lora`, so training goes on from the unmerged weights."""
     mods = lora_modules(model)
-    params = dict(model.named_parameters())
-    tensors = {}
-    for ours, hf in hf_names(model.cfg).items():
-        w = params[ours].detach()
-        m = mods.get(ours.removesuffix(".weight"))
-        if m is not None:
-            w = (w.float() + m.delta()).to(w.dtype)
-        tensors[hf] = w.contiguous().cpu()
-    os.makedirs(path, exist_ok=True)
-    dtype = next(iter(tensors.values())).dtype
-    write_safetensors(path, tensors, max_shard_bytes)
-    hf_cfg = dict(model.cfg.hf, torch_dtype=str(dtype).removeprefix("torch."))
-    atomic_write(os.path.join(path, "config.json"), json.dumps(hf_cfg, indent=2).encode())
+
+    def merged(name, w):
+        m = mods.get(name.removesuffix(".weight"))
+        return w if m is None else (w.float() + m.delta()).to(w.dtype)
+    save_model(model, path, max_shard_bytes, weight=merged)

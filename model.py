@@ -2,29 +2,32 @@
 
 What it is
   A from-scratch Llama/Mistral decoder (RMSNorm, rotary position embeddings, grouped-query
-  attention with an optional sliding window, SwiGLU MLP) that reads and writes Hugging Face
-  checkpoints (config.json + safetensors, single file or sharded with an index).
+  attention with an optional sliding window, SwiGLU MLP), configured from a Hugging Face
+  config.json. Reading and writing checkpoints lives in checkpoint.py.
 
 Choices
   - Our module names are short; `hf_names()` is the single table that maps them to HF tensor names.
   - RoPE uses the rotate-half layout that HF checkpoints are saved in; angles are computed in fp32
     on the fly for the positions at hand, so a 128k-context Llama 3.1 costs no 128k-row table.
-  - Attention goes through `F.scaled_dot_product_attention` with an explicit boolean mask built from
-    absolute positions; a KV cache (see sample.py) is any object with per-layer `k`/`v` tensors of
-    shape (layers, rows, kv_heads, max_len, head_dim) that this code writes at explicit positions.
+  - Attention goes through `F.scaled_dot_product_attention`. Without a cache, padding or a window it
+    takes SDPA's causal fast path; otherwise a boolean mask is built from position tensors. A KV cache
+    (see sample.py) is any object with `k`/`v` tensors of shape (layers, rows, kv_heads, max_len,
+    head_dim): a chunk is written at its position tensor and attention always spans all max_len slots
+    (unwritten ones masked), so a decode step has the same shapes at every position.
     Left padding is expressed with `key_valid` (rows, keys): pad slots are never attended to.
+  - No Python branch depends on a tensor's shape or value, so torch.compile(dynamic=True) traces the
+    whole forward, layer loop included, as one graph (sample.compile_model compiles it).
   - `token_logprobs` returns log π(token_t | tokens_<t) only at the positions asked for, computing
     logits in chunks (recomputed in backward under autograd), so no fp32 (B, T, vocab) tensor exists.
-  - Norms and softmaxes run in fp32 whatever the weight dtype.
+  - Norms, softmaxes and the vocabulary projection (`logits`) run in fp32 whatever the weight dtype or
+    autocast: sampled and trained log-probs are never rounded to bf16.
 
 Left out
   Biases in attention/MLP (no supported family uses them), rope scaling types other than `llama3`
   (an error, never an approximation), a rolling sliding-window cache (the cache keeps every position
   and the mask enforces the window), tensor parallelism.
 """
-import json
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +52,7 @@ class ModelConfig:
     rope_scaling: dict | None = None  # {"rope_type": "llama3", "factor": ..., ...} or None
     tie_embeddings: bool = False
     sliding_window: int | None = None  # Mistral v0.1: a query attends to the last `sliding_window` keys
-    max_seq_len: int = 4096
+    max_seq_len: int = 2048  # transformers' default when config.json omits it
     model_type: str = "llama"
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
@@ -81,7 +84,7 @@ class ModelConfig:
             rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
             tie_embeddings=bool(d.get("tie_word_embeddings", False)),
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
-            max_seq_len=d.get("max_position_embeddings", 4096), model_type=model_type, hf=dict(d))
+            max_seq_len=d.get("max_position_embeddings", 2048), model_type=model_type, hf=dict(d))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -111,7 +114,7 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tupl
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos + rotated * sin
+    return (x * cos + rotated * sin).to(x.dtype)  # under autocast: fp32 angles, q/k stay bf16
 
 
 def attention_mask(q_pos, k_pos, window=None, key_valid=None):
@@ -149,20 +152,21 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start_pos=0):
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, pos=None):
+        """mask None = causal over x itself; with a cache, `pos` (T,) are the slots this chunk fills."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write this chunk at its positions, then attend over everything so far
-            end = start_pos + T
-            cache.k[layer, :, :, start_pos:end] = k
-            cache.v[layer, :, :, start_pos:end] = v
-            k, v = cache.k[layer, :, :, :end], cache.v[layer, :, :, :end]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+        if cache is not None:  # write at the position tensor (an in-place index_put), attend over all slots
+            cache.k[layer][:, :, pos] = k.to(cache.k.dtype)
+            cache.v[layer][:, :, pos] = v.to(cache.v.dtype)
+            k, v = cache.k[layer], cache.v[layer]  # (B, H_kv, max_len, hd)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        # SDPA repeats each KV head for its H / H_kv query heads (enable_gqa); out: (B, H, T, hd)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H·hd) → (B, T, dim)
 
 
 class MLP(nn.Module):
@@ -184,8 +188,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, layer=0, start_pos=0):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, start_pos)
+    def forward(self, x, cos, sin, mask, cache=None, layer=0, pos=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, layer, pos)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -219,173 +223,80 @@ class Transformer(nn.Module):
         self.activation_checkpointing = False
 
     def hidden(self, tokens, start_pos=0, cache=None, key_valid=None):
-        """Final-norm hidden states (B, T, dim) for `tokens` placed at positions start_pos.. ."""
+        """Final-norm hidden states (B, T, dim) for `tokens` placed at positions start_pos.. .
+
+        start_pos: an int or a 0-d tensor (a tensor keeps one compiled decode graph for every step).
+        key_valid: (B, keys) real-token slots, keys = cache length with a cache, ≥ T without."""
         B, T = tokens.shape
         device = tokens.device
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        q_pos = torch.arange(start_pos, start_pos + T, device=device)
+        q_pos = torch.arange(T, device=device) + start_pos  # (T,)
         x = self.embed(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, q_pos, x.dtype)
-        # No mask = SDPA's causal fast path; enough unless there is padding, a window, or a chunk that
-        # starts mid-cache (SDPA's is_causal aligns the triangle top-left, not to absolute positions).
+        # The choice between SDPA's causal path (mask None) and a mask depends on which arguments were
+        # given, never on shapes: a shape-dependent Python bool would graph-break under torch.compile.
         mask = None
-        if key_valid is not None or self.cfg.sliding_window is not None or (start_pos > 0 and T > 1):
-            k_pos = torch.arange(start_pos + T, device=device) if cache is not None else q_pos
-            if key_valid is not None:
-                key_valid = key_valid[:, :k_pos.numel()]
+        if cache is not None:
+            k_pos = torch.arange(cache.k.shape[3], device=device)
             mask = attention_mask(q_pos, k_pos, self.cfg.sliding_window, key_valid)
+        elif key_valid is not None or self.cfg.sliding_window is not None:
+            mask = attention_mask(q_pos, q_pos, self.cfg.sliding_window,
+                                  key_valid[:, :T] if key_valid is not None else None)
         for i, block in enumerate(self.layers):
             if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
                 x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, cache, i, start_pos)
+                x = block(x, cos, sin, mask, cache, i, q_pos)
         return self.norm(x)
 
-    def forward(self, tokens, start_pos=0, cache=None, key_valid=None, last_only=False):
-        """Logits (B, T, vocab), or (B, 1, vocab) for the last position only when sampling."""
-        h = self.hidden(tokens, start_pos, cache, key_valid)
-        return self.lm_head(h[:, -1:] if last_only else h)
+    def logits(self, h):
+        """The vocabulary projection in fp32 (autocast off): log-probs are never rounded to bf16."""
+        with torch.autocast(h.device.type, enabled=False):
+            return F.linear(h.float(), self.lm_head.weight.float())
 
-    # ---- checkpoints in the Hugging Face layout ----
+    def forward(self, tokens, start_pos=0, cache=None, key_valid=None, last_only=False):
+        """fp32 logits (B, T, vocab), or (B, 1, vocab) for the last position only when sampling."""
+        h = self.hidden(tokens, start_pos, cache, key_valid)
+        return self.logits(h[:, -1:] if last_only else h)
+
+    # ---- checkpoints in the Hugging Face layout: the reading and writing live in checkpoint.py ----
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
-        cfg = load_config(path)
-        with torch.device("meta"):  # no random init: every parameter is about to be overwritten
-            model = cls(cfg).to(dtype)
-        model.to_empty(device=device)
-        model.inv_freq = rope_inv_freq(cfg).to(device)
-        if cfg.tie_embeddings:  # to_empty unties shared parameters; tie them again before loading
-            model.lm_head.weight = model.embed.weight
-        state = read_safetensors(path, hf_names(cfg), model.state_dict(), device)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                p.copy_(state[name])
-        return model
+        from checkpoint import load_model
+        return load_model(path, dtype, device)
 
     def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
-        """Write config.json + safetensors (sharded with an index above max_shard_bytes), atomically."""
-        os.makedirs(path, exist_ok=True)
-        dtype = next(self.parameters()).dtype
-        hf_cfg = dict(self.cfg.hf, torch_dtype=str(dtype).removeprefix("torch."))
-        params = dict(self.named_parameters())
-        tensors = {hf: params[ours].detach().contiguous().cpu() for ours, hf in hf_names(self.cfg).items()}
-        write_safetensors(path, tensors, max_shard_bytes)
-        atomic_write(os.path.join(path, "config.json"), json.dumps(hf_cfg, indent=2).encode())
-
-
-def load_config(path) -> ModelConfig:
-    file = os.path.join(path, "config.json")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{file} not found: expected a Hugging Face model directory")
-    with open(file) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf(d, source=file)
-
-
-def safetensors_files(path) -> dict[str, str]:
-    """HF tensor name -> file holding it, from model.safetensors.index.json or model.safetensors."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    single = os.path.join(path, "model.safetensors")
-    if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
-    if os.path.isfile(single):
-        from safetensors import safe_open
-        with safe_open(single, framework="pt") as f:
-            return {name: single for name in f.keys()}
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
-
-def read_safetensors(path, names: dict[str, str], expected: dict[str, torch.Tensor], device) -> dict:
-    """Load every tensor in `names` (ours -> HF), checking presence and shape against `expected`."""
-    from safetensors import safe_open
-    where = safetensors_files(path)
-    out, handles = {}, {}
-    try:
-        for ours, hf in names.items():
-            if hf not in where:
-                raise KeyError(f"{path}: tensor {hf!r} is missing from the checkpoint")
-            file = where[hf]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="pt", device=str(device)).__enter__()
-            t = handles[file].get_tensor(hf)
-            if tuple(t.shape) != tuple(expected[ours].shape):
-                raise ValueError(f"{file}: tensor {hf!r} has shape {tuple(t.shape)}, "
-                                 f"expected {tuple(expected[ours].shape)} from config.json")
-            out[ours] = t
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    return out
-
-
-def write_safetensors(path, tensors: dict[str, torch.Tensor], max_shard_bytes: int):
-    from safetensors.torch import save_file
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = t
-        size += nbytes
-    shards.append(current)
-    index = os.path.join(path, "model.safetensors.index.json")
-    if len(shards) == 1:
-        files = ["model.safetensors"]
-    else:
-        files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, shard in zip(files, shards):
-        tmp = os.path.join(path, file + ".tmp")
-        save_file(shard, tmp, metadata={"format": "pt"})
-        os.replace(tmp, os.path.join(path, file))
-    if len(shards) == 1:
-        if os.path.exists(index):  # a stale index would shadow the new single file
-            os.remove(index)
-    else:
-        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode())
-
-
-def atomic_write(file, data: bytes):
-    """Write to a temp file beside `file`, then rename: a crash never leaves a half-written file."""
-    tmp = file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, file)
+        from checkpoint import save_model
+        save_model(self, path, max_shard_bytes)
 
 
 def token_logprobs(model: Transformer, tokens, mask, key_valid=None, chunk=1024):
     """log π(tokens[:, t] | tokens[:, :t]) at every t where mask[:, t] is True; zeros elsewhere. (B, T) fp32.
 
-    Only the selected positions go through the vocabulary projection, `chunk` rows at a time, in fp32;
+    Only the selected positions go through the vocabulary projection, `chunk` rows at a time, in fp32
+    (fp32 operands and accumulation even under bf16 autocast);
     with autograd on and more than one chunk, each chunk's logits are recomputed in backward instead of
     being stored, so memory stays at one chunk × vocab whatever the batch."""
-    h = model.hidden(tokens[:, :-1], key_valid=key_valid)
-    select = mask[:, 1:]
-    rows, targets = h[select], tokens[:, 1:][select]
+    # The hidden state at position t predicts token t+1: drop the last position of the inputs and the
+    # first of the targets, so h[:, t] lines up with tokens[:, t+1]; the output is shifted back at the end.
+    h = model.hidden(tokens[:, :-1], key_valid=key_valid)        # (B, T-1, dim)
+    select = mask[:, 1:]                                         # (B, T-1): positions whose target we want
+    rows, targets = h[select], tokens[:, 1:][select]             # (N, dim), (N,): only the selected ones
     recompute = torch.is_grad_enabled() and rows.shape[0] > chunk
     pieces = []
     for i in range(0, rows.shape[0], chunk):
         if recompute:
-            pieces.append(checkpoint(_chunk_logprobs, model.lm_head, rows[i:i + chunk], targets[i:i + chunk],
+            pieces.append(checkpoint(_chunk_logprobs, model, rows[i:i + chunk], targets[i:i + chunk],
                                      use_reentrant=False))
         else:
-            pieces.append(_chunk_logprobs(model.lm_head, rows[i:i + chunk], targets[i:i + chunk]))
+            pieces.append(_chunk_logprobs(model, rows[i:i + chunk], targets[i:i + chunk]))
     out = torch.zeros(select.shape, dtype=torch.float32, device=tokens.device)
-    if pieces:
+    if pieces:  # back to (B, T-1) in the selected positions' row-major order
         out = out.masked_scatter(select, torch.cat(pieces))
-    return F.pad(out, (1, 0))
+    return F.pad(out, (1, 0))  # (B, T): position 0 has no prediction, log-prob 0
 
 
-def _chunk_logprobs(lm_head, rows, targets):
-    logits = lm_head(rows).float()
+def _chunk_logprobs(model, rows, targets):
+    logits = model.logits(rows)  # fp32 operands, also under autocast
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)

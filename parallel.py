@@ -8,6 +8,7 @@ we need. A plain `python train.py` is rank 0 of 1 and never touches torch.distri
 Left out: sharded optimizers (FSDP/ZeRO), gradient bucketing, tensor or pipeline parallelism.
 """
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,7 +22,9 @@ def init_distributed(device):
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    # Rank 0 alone evaluates and saves while the others wait at the next collective: a long timeout
+    # keeps that wait from being taken for a hung rank (nccl's default is 10 minutes).
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=3))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -45,6 +48,13 @@ def all_reduce_grads(model, world):
             dist.all_reduce(p.grad)
 
 
+def barrier(world):
+    """Every rank waits here until all have arrived (e.g. while rank 0 writes a checkpoint)."""
+    if world > 1:
+        dist.barrier()
+
+
 def finish_distributed(world):
     if world > 1:
-            dist.destroy_process_group()
+        dist.barrier()  # rank 0 may still be saving
+        dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """The NRT reward: how much a sampled reasoning trace raises the model's own likelihood of the answer.
 
-What it is (names as in NRT.md)
+What it is (names as in NRT.md, the method in this repository)
   For a question x with reference answer y* (T tokens, the end-of-turn token included so the model
   also learns where the answer stops) and a trace z, teacher-force  prompt ‖ z ‖ delimiter ‖ y* ‖ EOS
   and read c_i = π(y*_i | x, z, y*_<i). The empty trace ∅ (prompt ‖ delimiter ‖ y* ‖ EOS) gives c_i^∅.
@@ -9,24 +9,24 @@ What it is (names as in NRT.md)
 
 Choices
   - Everything is computed from log c (log-probs), so Π c over many tokens underflows to 0, never NaN.
-  - `score_group` scores the K traces and the empty trace of one question in one batched forward,
-    computing log-probs only at answer positions (model.token_logprobs); train.py's on-policy path
-    reuses its own training forward instead and calls only the aggregation functions below.
-  - Answer matching (extraction + normalisation, aliases) lives here so train and eval agree.
+  - `score_answers` is the one teacher-forced forward that reads log c after a trace: train.py uses it
+    with gradients (its training forward gives both the rewards and the loss), for the empty traces
+    without, and eval.py and the SFT baseline use it too. It computes log-probs only where asked.
+  - `sample_traces` is the one place a sampler result becomes traces (delimiter emitted or not).
 
 Left out
   Verifiers, learned reward models, and any reward on the trace text itself.
 """
-import json
-import re
-import string
+import math
 from dataclasses import dataclass
 
 import torch
 
 from model import token_logprobs
+from sample import generate
 
 AGGREGATIONS = ("logp", "prob", "gm", "am", "ws_inv", "ws_nlog")
+HARD_THRESHOLD = 0.5  # c^∅ below this: a "hard" answer token (logged, never trained on specially)
 
 
 # ---- the six aggregation functions f and their token weights α_i c_i = (∂f/∂c_i) c_i ----
@@ -95,7 +95,21 @@ def group_normalise(R, group_size, eps=1e-6):
     return A.masked_fill(zero_std[:, None], 0.0).view(-1), zero_std
 
 
-# ---- teacher-forced scoring (the separate, no-grad path: multi-update runs and eval) ----
+# ---- traces, and the answer scored after them: one teacher-forced forward, used by train, eval and SFT ----
+
+def sample_traces(model, tok, prompts, think_end, max_tokens, num_samples=1, temperature=1.0, generator=None):
+    """K traces per prompt (rows grouped by prompt), each ending at the delimiter or after max_tokens.
+
+    Returns (trace ids, emitted, sampler log-probs) per row. `emitted`: the trace wrote the delimiter
+    itself (it stays in the trace and gets the policy gradient). A trace that ends its turn (EOS) before
+    the delimiter is treated like a truncated one: EOS dropped, the delimiter appended when scoring."""
+    out = generate(model, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temperature,
+                   stop_ids=tok.stop_ids, stop_strings=[think_end], decode=tok.decode, generator=generator)
+    ended_turn = [why == "stop_id" for why in out.stop_reason]
+    traces = [z[:-1] if e else z for z, e in zip(out.tokens, ended_turn)]
+    logprobs = [lp[:-1] if e else lp for lp, e in zip(out.logprobs, ended_turn)]
+    return traces, [why == "stop_string" for why in out.stop_reason], logprobs
+
 
 @dataclass
 class Batch:
@@ -117,7 +131,7 @@ def build_batch(rows, delimiter, device="cpu") -> Batch:
         seqs.append([(t, role) for ids, role in parts for t in ids])
     L = max(len(s) for s in seqs)
     tokens = torch.zeros(len(seqs), L, dtype=torch.long)
-    roles = torch.full((len(seqs), L), -1, dtype=torch.long)
+    roles = torch.full((len(seqs), L), -1, dtype=torch.long)  # -1 = padding
     for i, s in enumerate(seqs):
         tokens[i, :len(s)] = torch.tensor([t for t, _ in s])
         roles[i, :len(s)] = torch.tensor([role for _, role in s])
@@ -126,115 +140,40 @@ def build_batch(rows, delimiter, device="cpu") -> Batch:
 
 
 def answer_logc(logprobs, answer_mask):
-    """Gather each row's answer-token log c_i into a left-aligned (N, T_max) tensor and its mask."""
-    counts = answer_mask.sum(-1)
+    """Gather each row's answer-token log c_i into a left-aligned (N, T_max) tensor and its mask.
+
+    The answer starts at a different position in each row (traces differ in length): its j-th token
+    is at the position where the running count of answer tokens reaches j+1, so scatter-adding
+    each position's log-prob into column (count − 1) moves the answer to columns 0..T−1."""
+    counts = answer_mask.sum(-1)                                 # (N,) answer length per row
     T = int(counts.max())
-    index = (answer_mask.cumsum(-1) - 1).clamp(min=0)  # position of each answer token within its answer
+    index = (answer_mask.cumsum(-1) - 1).clamp(min=0)            # (N, L) column of each answer token
     logc = torch.zeros(answer_mask.shape[0], T, dtype=logprobs.dtype, device=logprobs.device)
-    logc = logc.scatter_add(1, index.clamp(max=T - 1), logprobs * answer_mask)
-    mask = torch.arange(T, device=counts.device)[None, :] < counts[:, None]
+    logc = logc.scatter_add(1, index.clamp(max=T - 1), logprobs * answer_mask)  # non-answer adds 0
+    mask = torch.arange(T, device=counts.device)[None, :] < counts[:, None]   # (N, T)
     return logc, mask
 
 
-@torch.no_grad()
-def score_group(model, prompt, traces, emitted, delimiter, answer):
-    """Score K traces and the empty trace of one question in one batched forward (no grad).
+def score_answers(model, rows, delimiter, trace_too=False):
+    """Teacher-force rows (prompt, trace, emitted, answer ids) in one batched forward.
 
-    Returns log c_{i,k} (K, T), log c_i^∅ (T,), and the traces' per-token log-probs (K, L), zero outside
-    trace/answer positions (the 'old' policy when a rollout is reused for several updates)."""
-    rows = [(prompt, z, e, answer) for z, e in zip(traces, emitted)] + [(prompt, [], False, answer)]
+    Returns (batch, logprobs (N, L), log c (N, T), answer mask (N, T)). Log-probs are computed at the
+    answer positions only, plus the trace and delimiter positions when `trace_too` (the training
+    forward, which needs them for the policy-gradient and format terms). Gradients flow when enabled."""
     batch = build_batch(rows, delimiter, model.embed.weight.device)
-    logprobs = token_logprobs(model, batch.tokens, batch.trace_mask | batch.answer_mask)
-    logc, _ = answer_logc(logprobs, batch.answer_mask)  # every row has the same answer, so no padding
-    # trim to the traces' own length (a trace may end with a delimiter shorter than its canonical ids)
-    L = max(len(prompt) + len(z) + (0 if e else len(delimiter)) + len(answer) for z, e in zip(traces, emitted))
-    return logc[:-1], logc[-1], logprobs[:-1, :L]
+    want = batch.answer_mask | (batch.trace_mask | batch.format_mask if trace_too else False)
+    logprobs = token_logprobs(model, batch.tokens, want)
+    logc, mask = answer_logc(logprobs, batch.answer_mask)
+    return batch, logprobs, logc, mask
 
 
-# ---- prompts, data and answer matching (shared by train and eval) ----
-
-# The default prompt format; train.py and eval.py both start from it, so a model is evaluated as trained.
-INSTRUCTION = "Think briefly, then write 'Answer:' followed by the final answer only."
-THINK_END = "\nAnswer:"  # the end-of-thinking delimiter: plain text a small model writes readily
-
-def prompt_ids(tok, question, instruction="", system=""):
-    """The chat-formatted prompt: optional system message, then the question and the instruction."""
-    messages = [{"role": "system", "content": system}] if system else []
-    messages.append({"role": "user", "content": f"{question}\n{instruction}".strip()})
-    return tok.encode_chat(messages)
+@torch.no_grad()
+def score_empty_traces(model, questions, delimiter):
+    """log c_i^∅ (T,) of each (prompt, answer) pair: prompt ‖ delimiter ‖ y*, all in one batch, no grad."""
+    _, _, logc, mask = score_answers(model, [(prompt, [], False, answer) for prompt, answer in questions], delimiter)
+    return [lc[m] for lc, m in zip(logc, mask)]
 
 
-def delimiter_ids(tok, think_end):
-    """The end-of-thinking delimiter as ids: a special token when it names one, else its text encoding."""
-    try:
-        return [tok.special_id(think_end)]
-    except KeyError:
-        return tok.encode(think_end, continuation=True)
-
-
-def answer_ids(tok, answer):
-    """y* followed by the end-of-turn id: the model must also learn where the answer stops."""
-    return tok.encode(" " + answer.strip(), continuation=True) + [tok.eos_id]
-
-
-def load_qa(path):
-    """Rows {"question", "answer", "aliases"?} from a JSONL file; a bad line is an error naming it."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
-                    or not isinstance(row.get("answer"), str) or not row["answer"].strip():
-                raise ValueError(f"{path}:{n}: expected an object with string 'question' and non-empty 'answer'")
-            aliases = row.get("aliases", [])
-            if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-                raise ValueError(f"{path}:{n}: 'aliases' must be a list of strings")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no question/answer rows")
-    return rows
-
-
-def normalize_answer(text: str) -> str:
-    """Lower case, no articles or punctuation, single spaces, numbers in one canonical form."""
-    text = text.lower().strip()
-    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # 1,000 -> 1000
-    text = "".join(" " if ch in string.punctuation and ch not in "-." else ch for ch in text)
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    words = []
-    for w in text.split():
-        w = re.sub(r"^\.+(?!\d)", "", w).rstrip(".")  # a sentence's full stop, not a leading decimal point
-        if re.fullmatch(r"-?(\d+(\.\d+)?|\.\d+)", w):
-            w = str(float(w)).removesuffix(".0") if "." in w else str(int(w))
-        if w:
-            words.append(w)
-    return " ".join(words)
-
-
-ANSWER_LEAD_IN = re.compile(r"^(the\s+)?(final\s+)?answer\b(\s+is\b)?\s*:?\s*", re.IGNORECASE)
-YES_NO = ("yes", "no", "true", "false")
-
-
-def extract_answer(text: str) -> str:
-    """The answer a model wrote after the delimiter: its first non-empty line, without an
-    "Answer:" / "The answer is" lead-in (models often restate the delimiter before the answer)."""
-    for line in text.strip().splitlines():
-        line = ANSWER_LEAD_IN.sub("", line.strip(), count=1).strip()
-        if line:
-            return line
-    return ""
-
-
-def is_correct(prediction: str, row: dict) -> bool:
-    """Exact match after normalisation against the answer or any alias. When every reference is a
-    yes/no (true/false), the prediction's first word decides: "No, because ..." answers no."""
-    pred = normalize_answer(prediction)
-    refs = [normalize_answer(a) for a in [row["answer"], *row.get("aliases", [])]]
-    if all(r in YES_NO for r in refs) and pred.split()[:1] and pred.split()[0] in YES_NO:
-        pred = pred.split()[0]
-    return pred in refs
+def hard_tokens(logc_empty, threshold=HARD_THRESHOLD):
+    """The answer tokens the model misses without a trace (c_i^∅ < threshold): where reasoning must help."""
+    return logc_empty < math.log(threshold)

@@ -5,21 +5,32 @@ What it is
   `num_samples` rows per prompt: each distinct prompt is prefilled once and its cache replicated into
   its K rows (the NRT access pattern). Different prompts are left-padded to one length; pad slots are
   masked out of attention (RoPE is relative, so a shifted start position changes nothing).
+  `compile_model` is the one call that turns on torch.compile for sampling, scoring and training.
 
 Choices
-  - The cache is preallocated for (rows, prompt + max_new_tokens) per layer and written at explicit
-    positions; a row that stops is dropped from the batch, so short traces stop costing compute.
+  - Static shapes, as in gpt-fast: the cache has a fixed length (prompt + new tokens rounded up to 64),
+    each step writes at a position tensor and attends over every slot under a mask, so one compiled
+    decode graph serves every step. A finished row stays in the batch (its output ignored) until the
+    live rows fit a power of two at most half the batch; then the batch shrinks to that size. Batch
+    sizes are thus the initial one and powers of two: few graphs, and short traces still stop costing.
+  - One host sync per step at most: the step's tokens come to the host once for the stop checks
+    (none without stop ids or strings); tokens and log-probs stay on the device until the end.
   - Sampling draws by inverse CDF (cumsum + searchsorted against one uniform per row from an explicit
     `torch.Generator`): reproducible, and ~10x cheaper than torch.multinomial over a 49k vocabulary.
+    Every step draws a uniform for every row of the whole batch, finished or not, so a row's samples
+    never depend on when the others stop (nor, with row_slice, on how rows are split over calls).
   - The log-probs returned are those of the distribution actually sampled from (after temperature,
-    top-k, top-p), so a trainer never mixes a truncated sampler with an untruncated loss by accident.
-    With temperature 0 (greedy) they are the model's plain log-probs.
+    top-k, top-p), from fp32 logits, so a trainer never mixes a truncated sampler with an untruncated
+    loss by accident. With temperature 0 (greedy) they are the model's plain log-probs.
+  - torch.no_grad, not inference_mode: under autocast the fp32 → bf16 weight casts are cached for the
+    whole autocast region only outside inference_mode; the cache is kept in the autocast dtype.
   - It knows token ids only. Stop strings are checked on text through a `decode` function the caller
     passes (the tokenizer's), on the last few tokens of each row.
 
 Left out
   Beam search, repetition penalties, speculative decoding, paged caches, a rolling sliding-window
-  cache (the model's mask enforces Mistral's window over a cache that keeps every position).
+  cache (the model's mask enforces Mistral's window over a cache that keeps every position). Under
+  torch.compile the autocast weight casts are part of the compiled graph (its cast cache is eager-only).
 """
 import sys
 import time
@@ -29,21 +40,43 @@ import torch
 
 
 class KVCache:
-    """Keys and values for every layer: (layers, rows, kv_heads, max_len, head_dim) each."""
+    """Keys and values for every layer: (layers, rows, kv_heads, max_len, head_dim) each.
+
+    `pool` (set by compile_model on CUDA) reuses buffers per shape across calls: CUDA graphs replay on
+    fixed addresses, and a new cache per call would re-record them."""
+    pool = None  # {(shape, dtype, device): (k, v)} or None
 
     def __init__(self, cfg, rows: int, max_len: int, dtype, device):
-        shape = (cfg.n_layers, rows, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.cfg, self.dtype, self.device = cfg, dtype, device
+        self.k, self.v = self._buffers(rows, max_len)
+
+    def _buffers(self, rows, max_len):
+        shape = (self.cfg.n_layers, rows, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
+        key = (shape, self.dtype, str(self.device))
+        if KVCache.pool is not None and key in KVCache.pool:
+            return KVCache.pool[key]  # stale slots are harmless: the mask hides every unwritten one
+        kv = (torch.zeros(shape, dtype=self.dtype, device=self.device),
+              torch.zeros(shape, dtype=self.dtype, device=self.device))
+        if KVCache.pool is not None:
+            for t in kv:
+                torch._dynamo.mark_static_address(t)
+            KVCache.pool[key] = kv
+        return kv
+
+    def _set(self, k, v):
+        if KVCache.pool is None:
+            self.k, self.v = k, v
+        else:
+            self.k, self.v = self._buffers(k.shape[1], k.shape[3])
+            self.k.copy_(k)
+            self.v.copy_(v)
 
     def repeat_rows(self, times: int):
         """Each row becomes `times` consecutive rows (one prompt's prefill shared by its K samples)."""
-        self.k = self.k.repeat_interleave(times, dim=1)
-        self.v = self.v.repeat_interleave(times, dim=1)
+        self.keep_rows(torch.arange(self.k.shape[1], device=self.k.device).repeat_interleave(times))
 
     def keep_rows(self, index: torch.Tensor):
-        self.k = self.k[:, index]
-        self.v = self.v[:, index]
+        self._set(self.k.index_select(1, index), self.v.index_select(1, index))  # fresh tensors, not views
 
 
 @dataclass
@@ -54,16 +87,38 @@ class Generation:
     prompt_index: list[int]      # row r continues prompts[prompt_index[r]] (= r // num_samples)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def prefill(model, tokens, cache, key_valid=None):
-    """Run the prompts through the model, filling the cache; logits of the last position (rows, vocab)."""
+    """Run the prompts through the model, filling the cache; fp32 logits of the last position (rows, vocab)."""
     return model(tokens, start_pos=0, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
 
 
-@torch.inference_mode()
-def decode_step(model, token, pos: int, cache, key_valid=None):
-    """Feed one token per row at position `pos`; logits for the next one (rows, vocab)."""
+@torch.no_grad()
+def decode_step(model, token, pos, cache, key_valid=None):
+    """Feed one token per row at position `pos` (int or 0-d tensor); fp32 logits for the next (rows, vocab)."""
+    pos = torch.as_tensor(pos, device=token.device)
     return model(token[:, None], start_pos=pos, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
+
+
+def decode_and_sample(model, token, pos, cache, key_valid, u, temperature, top_k, top_p):
+    """One decode step and the draw from its logits: the unit compile_model compiles (CUDA graphs on GPU)."""
+    logits = model(token[:, None], start_pos=pos, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
+    return sample_next(logits, temperature, top_k, top_p, u=u)
+
+
+def compile_model(model, backend="inductor"):
+    """torch.compile for --compile=True: the one call train.py and eval.py make, after loading (and LoRA).
+
+    `model.hidden` (training forward, token_logprobs, prefill) is compiled with dynamic shapes, and
+    generate's decode step with static-shape discipline: mode="reduce-overhead" (CUDA graphs) on CUDA,
+    the default on CPU. The module itself is not wrapped, so parameter names stay clean."""
+    cuda = model.embed.weight.is_cuda
+    model.hidden = torch.compile(model.hidden, dynamic=True, backend=backend)
+    model.compiled_decode = torch.compile(decode_and_sample, dynamic=True, backend=backend,
+                                          mode="reduce-overhead" if cuda and backend == "inductor" else None)
+    if cuda and KVCache.pool is None:
+        KVCache.pool = {}
+    return model
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=None):
@@ -89,7 +144,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=N
         u = uniforms(logits.shape[0], generator)
     u = u.to(cdf.device)
     # right=True picks the first index whose cdf exceeds u, so a zero-probability token is never drawn
-    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=cdf.shape[-1] - 1)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -115,83 +170,95 @@ def matches_stop_string(ids: list[int], stop_strings, decode) -> bool:
     return any(s in tail for s in stop_strings)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0,
              top_p=1.0, stop_ids=(), stop_strings=(), decode=None, generator=None, row_slice=None) -> Generation:
     """Sample `num_samples` continuations of each prompt; rows are grouped by prompt (row = p*K + s).
 
     row_slice=(offset, total): these rows are rows offset.. of a larger batch of `total` rows sampled
     with the same generator elsewhere (data-parallel ranks), so each rank draws the same numbers a
-    single process sampling all `total` rows would."""
+    single process sampling all `total` rows would. Run it inside the caller's autocast for bf16."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     if stop_strings and decode is None:
         raise ValueError("generate: stop_strings need a decode function (e.g. tokenizer.decode)")
     device = model.embed.weight.device
     P = max(len(p) for p in prompts)
-    total = P + max_new_tokens
-    if total > model.cfg.max_seq_len:
+    if P + max_new_tokens > model.cfg.max_seq_len:
         raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({model.cfg.max_seq_len})")
-    tokens, key_valid = left_pad(prompts, total, device)
-    if key_valid.all():
-        key_valid = None  # no padding: attention can take its plain causal path
-    dtype = model.embed.weight.dtype
-    if device.type == "cuda" and torch.is_autocast_enabled("cuda"):  # fp32 master weights, bf16 math
-        dtype = torch.get_autocast_dtype("cuda")
-    cache = KVCache(model.cfg, len(prompts), total, dtype, device)
-    logits = prefill(model, tokens, cache, key_valid)
-    if num_samples > 1:
+    max_len = min(-(-(P + max_new_tokens) // 64) * 64, model.cfg.max_seq_len)  # bucketed: few cache shapes
+    tokens, key_valid = left_pad(prompts, max_len, device)
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
+        else model.embed.weight.dtype  # fp32 master weights under autocast: the cache holds bf16
+    cache = KVCache(model.cfg, len(prompts), max_len, dtype, device)
+    logits = prefill(model, tokens, cache, key_valid)  # (n, vocab)
+    rows = len(prompts) * num_samples
+    if num_samples > 1:  # (n, ...) → (n·K, ...): row p*K + s continues prompt p
         cache.repeat_rows(num_samples)
         logits = logits.repeat_interleave(num_samples, dim=0)
-        key_valid = key_valid.repeat_interleave(num_samples, dim=0) if key_valid is not None else None
+        key_valid = key_valid.repeat_interleave(num_samples, dim=0)
 
-    rows = len(prompts) * num_samples
-    out_tokens = [[] for _ in range(rows)]
-    out_logprobs = [[] for _ in range(rows)]
-    reasons = ["length"] * rows
-    active = list(range(rows))  # original row id of each row still in the batch
-    stop_set = set(stop_ids)
+    offset, total_rows = row_slice or (0, rows)
+    temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)  # one compiled graph per kind
+    step_fn = getattr(model, "compiled_decode", None) or decode_and_sample
+    graphs = step_fn is not decode_and_sample and device.type == "cuda"
+    out_tok = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
+    out_lp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+    slot_row = torch.arange(rows, device=device)  # original row of each batch slot
+    slots = list(range(rows))  # the same on the host; None marks a finished row kept as filler
+    lengths, reasons = [max_new_tokens] * rows, ["length"] * rows
+    history = [[] for _ in range(rows)]
+    stop_set, check = set(stop_ids), bool(stop_ids or stop_strings)
+    pos = torch.full((), P, device=device)
     for step in range(max_new_tokens):
-        # one uniform per original row, drawn every step: a row's samples never depend on when others stop
-        u = None
-        if temperature > 0:
-            offset, total = row_slice or (0, rows)
-            u = uniforms(total, generator)[offset:offset + rows][active]
-        token, logp = sample_next(logits, temperature, top_k, top_p, u=u)
-        finished = []
-        for i, (row, t, lp) in enumerate(zip(active, token.tolist(), logp.tolist())):
-            out_tokens[row].append(t)
-            out_logprobs[row].append(lp)
+        u = uniforms(total_rows, generator)[offset:offset + rows].to(device)[slot_row] if temperature > 0 else None
+        if step == 0:
+            token, logp = sample_next(logits, temperature, top_k, top_p, u=u)
+        else:
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            token, logp = step_fn(model, token, pos, cache, key_valid, u, temperature, top_k, top_p)
+            token = token.clone()  # a CUDA-graph output is overwritten by the next replay
+            pos += 1
+        out_tok[slot_row, step] = token  # finished filler rows write past their length: trimmed below
+        out_lp[slot_row, step] = logp
+        if not check:
+            continue
+        for i, (row, t) in enumerate(zip(slots, token.tolist())):  # the step's one host sync
+            if row is None:
+                continue
+            history[row].append(t)
             if t in stop_set:
                 reasons[row] = "stop_id"
-            elif stop_strings and matches_stop_string(out_tokens[row], stop_strings, decode):
+            elif stop_strings and matches_stop_string(history[row], stop_strings, decode):
                 reasons[row] = "stop_string"
             else:
                 continue
-            finished.append(i)
-        if finished:  # drop finished rows from the batch so they cost nothing more
-            done = set(finished)
-            keep = torch.tensor([i for i in range(len(active)) if i not in done], dtype=torch.long)
-            active = [active[i] for i in keep.tolist()]
-            if not active:
-                break
-            cache.keep_rows(keep.to(device))
-            token = token[keep.to(token.device)]
-            key_valid = key_valid[keep.to(device)] if key_valid is not None else None
-        if step + 1 < max_new_tokens:
-            logits = decode_step(model, token, P + step, cache, key_valid)
-    return Generation(out_tokens, out_logprobs, reasons, [r // num_samples for r in range(rows)])
+            lengths[row], slots[i] = step + 1, None
+        live = [i for i, row in enumerate(slots) if row is not None]
+        if not live:
+            break
+        size = 1 << (len(live) - 1).bit_length()  # the next power of two
+        if size < len(slots):  # shrink the batch: live rows plus enough finished ones to fill `size`
+            keep = live + [i for i, row in enumerate(slots) if row is None][:size - len(live)]
+            index = torch.tensor(keep, device=device)
+            cache.keep_rows(index)
+            token, key_valid, slot_row = token[index], key_valid[index], slot_row[index]
+            slots = [slots[i] for i in keep]
+    out_tok, out_lp = out_tok.tolist(), out_lp.tolist()
+    return Generation([t[:n] for t, n in zip(out_tok, lengths)], [lp[:n] for lp, n in zip(out_lp, lengths)],
+                      reasons, [r // num_samples for r in range(rows)])
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def generate_naive(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -> list[int]:
     """Greedy decoding that recomputes the whole context every step: the reference the cache must match."""
     device = model.embed.weight.device
     ids = list(prompt)
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1]
-        ids.append(int(logits.float().argmax()))
+        ids.append(int(logits.argmax()))
         if ids[-1] in stop_ids:
             break
     return ids[len(prompt):]
@@ -208,20 +275,23 @@ DEFAULTS = dict(
     top_p=1.0,
     seed=1337,
     device="auto",
-    dtype="auto",
+    dtype="auto",             # auto | float32 | bf16-mixed | bf16-true (cli.resolve_precision)
+    compile=False,
 )
 
 
 def main():
-    from cli import parse_args, print_config, resolve_device, resolve_dtype
+    from cli import parse_args, print_config, resolve_device, resolve_precision
     from model import Transformer
     from tokenizer import Tokenizer
 
     cfg = parse_args(DEFAULTS)
     print_config(cfg)
     device = resolve_device(cfg["device"])
-    model = Transformer.from_pretrained(cfg["model_dir"], dtype=resolve_dtype(cfg["dtype"], device), device=device)
-    model.eval()
+    weight_dtype, autocast = resolve_precision(cfg["dtype"], device)
+    model = Transformer.from_pretrained(cfg["model_dir"], dtype=weight_dtype, device=device).eval()
+    if cfg["compile"]:
+        compile_model(model)
     tok = Tokenizer.from_pretrained(cfg["model_dir"])
     if cfg["chat"]:
         prompt = tok.encode_chat([{"role": "user", "content": cfg["prompt"]}])
@@ -229,9 +299,10 @@ def main():
         prompt = tok.encode(cfg["prompt"], bos=tok.bos_id is not None)
     gen = torch.Generator(device=device).manual_seed(cfg["seed"])
     t0 = time.perf_counter()
-    out = generate(model, [prompt], num_samples=cfg["num_samples"], max_new_tokens=cfg["max_new_tokens"],
-                   temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
-                   stop_ids=tok.stop_ids, generator=gen)
+    with autocast():
+        out = generate(model, [prompt], num_samples=cfg["num_samples"], max_new_tokens=cfg["max_new_tokens"],
+                       temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
+                       stop_ids=tok.stop_ids, generator=gen)
     elapsed = time.perf_counter() - t0
     n_tokens = sum(len(t) for t in out.tokens)
     for i, (ids, reason) in enumerate(zip(out.tokens, out.stop_reason)):

@@ -1,30 +1,30 @@
-"""Native Reasoning Training (NRT) on question–answer pairs, on one CPU or GPU.
+"""Native Reasoning Training (NRT) on question–answer pairs, on one CPU or GPU. The method: NRT.md.
 
     python train.py                                  # the default: SmolLM2-135M on arithmetic + counting, CPU
-    python train.py --preset=smoke --out_dir=DIR     # the same in 1–2 minutes
+    python train.py --preset=smoke --out_dir=DIR     # the same in about a minute
     python train.py --model_dir=DIR --data=FILE.jsonl --aggregation=gm --lr=1e-6 ...
 
-One step (NRT.md, names as there):
-  rollout    K traces z_k per question with the KV-cached sampler (temperature 1), stopping at the
-             end-of-thinking delimiter or max_think_tokens;
-  score      log c_i^∅ of the empty trace (no grad); with one update per rollout the traces' log c_{i,k}
-             come from the training forward itself (scoring and training are the same computation);
-  advantages R_k = f(c_k), R'_k = max(0, R_k − R(∅)) (optional), A_k = group_normalise(R'_k);
-  loss       − Σ_{t∈z} A_k·w_IS·log π(t) + 0.3·NLL(delimiter | not emitted) − Σ_i s_i·log π(y*_i | x, z_k),
-             s_i = 1 ('fixed') or α_i c_i ('derived'), all divided by the constant B·K·max_think_tokens;
-  update     AdamW (β 0.9, 0.95), warm-up then cosine decay, gradient clipping.
+One step, read top-down in `nrt_step` (names as in NRT.md):
+  1. rollout      K traces z_k per question from the KV-cached sampler (temperature 1), each ending at
+                  the end-of-thinking delimiter or after max_think_tokens;
+  2. score ∅      log c_i^∅ of the empty trace, no grad: the baseline R(∅) and the ws_* weights;
+  3. forward      ONE teacher-forced forward of prompt ‖ z_k ‖ delimiter ‖ y* gives both the traces'
+                  log c_{i,k} (detached: the rewards) and the log-probs the loss differentiates;
+  4. advantages   R_k = f(c_k), R'_k = max(0, R_k − R(∅)) (optional), A_k = group-normalised R'_k;
+  5. loss+update  − Σ_{t∈z} A_k·w_IS·log π(t) + 0.3·NLL(delimiter | not emitted) − Σ_i s_i·log c_{i,k}
+                  over a constant token count, then AdamW with warm-up, cosine decay and grad clipping.
 
-Simplifications, stated: the loss is a sum over question groups (each group one micro-batch, so
-accumulation is exact); trace entropy is estimated as the mean −log π of the sampled trace tokens
-(an unbiased estimate of the per-token entropy); a truncated trace gets the delimiter appended and
-a format loss; a trace that ends its turn (EOS) before the delimiter is treated as truncated, EOS
-dropped; all randomness of step s derives from (seed, s), so --resume needs no RNG state.
-The loss hovers near 0 by construction (advantages have zero mean): watch reward_mean, not loss.
-Scale: `torchrun --nproc_per_node=N train.py` is data parallel (parallel.py); --lora_rank=R trains
-adapters on a frozen base (lora.py); --dry_run=True prints the memory plan (memory.py).
-Left out: value functions, KL (optional, off by default), entropy bonus, sharded optimizers.
+Simplifications, stated:
+  1. Each question's K traces are one micro-batch; gradients accumulate over the step's questions.
+  2. Trace entropy is estimated as the mean −log π of the sampled trace tokens (unbiased per token).
+  3. A trace that ends its turn (EOS) before the delimiter counts as truncated: EOS dropped, delimiter appended.
+  4. All randomness of step s derives from (seed, s, rank), so --resume needs no RNG state.
+The loss hovers near 0 by construction (advantages have zero mean): watch `reward`, not `loss`.
+Off the core path: --minibatches=M splits a rollout into M updates with clipped importance weights (the
+released recipe); torchrun = data parallel (parallel.py); --lora_rank (lora.py); --dry_run (memory.py).
+Left out: value functions, KL penalties, entropy bonuses, sharded optimizers.
 """
-import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -36,60 +36,66 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import load_for_training, save_checkpoint
-from cli import parse_args, print_config, resolve_device
-from model import token_logprobs
-from parallel import all_reduce_grads, any_rank, finish_distributed, init_distributed
-from reward import (INSTRUCTION, THINK_END, aggregate, answer_ids, answer_logc, build_batch, clip_to_baseline,
-                    delimiter_ids, group_normalise, load_qa, prompt_ids, score_group, token_weights)
-from sample import generate
+from cli import PRECISIONS, parse_args, print_config, resolve_device, resolve_precision
+from data import INSTRUCTION, THINK_END, answer_ids, delimiter_ids, json_safe, load_rows, prompt_ids
+from eval import heldout_eval
+from parallel import all_reduce_grads, any_rank, barrier, finish_distributed, init_distributed
+from reward import (AGGREGATIONS, aggregate, clip_to_baseline, group_normalise, hard_tokens, sample_traces,
+                    score_answers, score_empty_traces, token_weights)
 
 DEFAULTS = dict(
+    # model and data
     model_dir="models/SmolLM2-135M-Instruct",
     data="data/arithmetic_train.jsonl,data/object_counting_train.jsonl",  # comma-separated JSONL files
     test_data="data/arithmetic_test.jsonl,data/object_counting_test.jsonl",
+    eval_questions=64,           # held-out questions evaluated before and after (0 = skip)
     out_dir="out/nrt",
+    # the method (NRT.md)
     method="nrt",                # nrt | sft (plain NLL of the answer with no trace: the SFT baseline)
     preset="",                   # smoke | rlpr | verifree (applied before the other overrides)
     aggregation="ws_nlog",       # logp | prob | gm | am | ws_inv | ws_nlog
     token_weight="fixed",        # fixed (s_i = 1) | derived (s_i = α_i c_i)
     baseline_clip=True,          # R' = max(0, R − R(∅))
-    token_loss_coef=1.0,
-    format_loss_coef=0.3,
-    kl_coef=0.0,                 # > 0 keeps a frozen copy of the start model as reference
-    steps=40,
+    token_loss_coef=1.0,         # weight of the answer NLL term
+    format_loss_coef=0.3,        # weight of the delimiter NLL for traces that did not write it
+    # the prompt (data.py)
+    instruction=INSTRUCTION,     # "Think briefly, then write 'Answer:' followed by the final answer only."
+    think_end=THINK_END,         # "\nAnswer:": the end-of-thinking delimiter (or a special token's name)
+    system="",                   # optional system message
+    # rollout
     questions_per_step=4,        # B
-    rollout_questions=0,         # questions per sampler call (0 = all B at once; bounds the KV cache on a GPU)
     samples_per_question=8,      # K
     max_think_tokens=48,
     temperature=1.0,
-    updates_per_rollout=1,       # > 1 reuses a rollout with clipped importance weights
-    clip_low=0.8,
-    clip_high=1.28,
+    rollout_questions=0,         # questions per sampler call (0 = all B at once; bounds the KV cache on a GPU)
+    # optimisation
+    steps=40,
     lr=1e-5,
     warmup_frac=0.1,
-    min_lr_frac=0.1,
+    min_lr_frac=0.1,             # cosine decay to lr · min_lr_frac (1.0 = constant after warm-up)
     weight_decay=0.0,
     grad_clip=1.0,
-    instruction=INSTRUCTION,     # reward.py: "Think briefly, then write 'Answer:' followed by ..."
-    think_end=THINK_END,         # "\nAnswer:": the end-of-thinking delimiter (or a special token's name)
-    system="",                   # optional system message
-    eval_questions=64,           # held-out questions evaluated before and after (0 = skip)
-    example_every=10,
+    minibatches=1,               # optimizer steps per rollout; > 1 reuses it with clipped importance weights
+    clip_low=0.8,                # the importance weight's clip range (only with minibatches > 1)
+    clip_high=1.28,
+    # logging, checkpoints, system
+    example_every=10,            # print the best trace of a question every N steps
     save_every=20,
     time_budget_min=0.0,         # > 0 stops training after this many minutes (equal-budget comparisons)
     resume=False,
     seed=1337,
     device="auto",
-    dtype="auto",                # auto = bf16 autocast over fp32 weights on CUDA, fp32 on CPU
+    dtype="auto",                # auto | float32 | bf16-mixed | bf16-true (LoRA only) — cli.resolve_precision
     compile=False,
     activation_checkpointing=False,
-    lora_rank=0,                 # > 0: train LoRA adapters of this rank on a frozen base (lora.py)
-    lora_alpha=32.0,             # the adapter update is scaled by lora_alpha / lora_rank
-    lora_dropout=0.0,            # keep 0 for NRT: on-policy rewards come from the training forward
-    lora_targets="wq,wk,wv,wo",  # comma-separated, any of wq wk wv wo w_gate w_up w_down
-    save_merged=True,            # with LoRA, checkpoints also hold the merged model (for eval.py, HF)
-    dry_run=False,               # print the memory plan (memory.py) for this config and exit: no weights loaded
+    dry_run=False,               # print the memory plan (memory.py) and exit: no weights loaded
     gpu_mem_gb=0.0,              # the budget the dry run checks (0 = the device's memory)
+    # LoRA (lora.py)
+    lora_rank=0,                 # > 0: train adapters of this rank on a frozen base
+    lora_alpha=32.0,             # the adapter update is scaled by lora_alpha / lora_rank
+    lora_dropout=0.0,            # keep 0 for NRT: the rewards come from the training forward
+    lora_targets="wq,wk,wv,wo",  # comma-separated, any of wq wk wv wo w_gate w_up w_down
+    save_merged=True,            # checkpoints also hold the merged model (for eval.py and transformers)
 )
 PRESETS = {
     "smoke": dict(steps=4, questions_per_step=2, samples_per_question=4, max_think_tokens=16,
@@ -99,25 +105,176 @@ PRESETS = {
 }
 
 
-@dataclass
+# ---- one NRT step: rollout → score the empty traces → one forward for rewards and loss → update ----
+
+@dataclass(frozen=True)
 class Group:
-    """One question's rollout: K traces and everything scoring and the loss need."""
+    """One question and the K traces sampled for it: what the rollout made, never changed afterwards."""
     row: dict
     prompt: list
     answer: list
-    traces: list
-    emitted: list          # did trace k end with the delimiter it sampled itself
-    trace_logprobs: list   # sampler log-probs of the trace tokens (for the entropy estimate)
-    logc_empty: torch.Tensor = None    # (T,) log c_i^∅
-    logc: torch.Tensor = None          # (K, T) log c_{i,k}
-    old_logprobs: torch.Tensor = None  # (K, L) log-probs at rollout time, when the rollout is reused
-    R: torch.Tensor = None             # (K,) rewards, R_empty (1,), advantages A (K,), zero_std (1,)
-    R_empty: torch.Tensor = None
-    A: torch.Tensor = None
-    zero_std: torch.Tensor = None
+    traces: list            # K lists of token ids
+    emitted: list           # did trace k end with a delimiter it wrote itself
+    trace_logprobs: list    # the sampler's log π of each trace token (the entropy estimate)
+
+    def rows(self):
+        return [(self.prompt, z, e, self.answer) for z, e in zip(self.traces, self.emitted)]
 
 
-# ---- prompts, data order, schedule ----
+def nrt_step(model, optimizer, tok, delim, questions, cfg, amp, seed, world=1):
+    """One step on this rank's questions; returns the log line and each question's (group, result)."""
+    # 1. Rollout: K traces per question from the current policy (eval mode: no adapter dropout).
+    t0 = time.time()
+    model.eval()
+    with amp():
+        groups = rollout(model, tok, questions, cfg, seed)
+        t1 = time.time()
+        # 2. The empty trace of every question, one no-grad forward: log c^∅ gives R(∅) and the ws_* weights.
+        logc_empty = score_empty_traces(model, [(g.prompt, g.answer) for g in groups], delim)
+        # With several updates per rollout, the later ones see a changed policy: keep the rollout
+        # policy's log-probs (importance weights) and rewards, scored now, before the first update.
+        frozen = [score_before_update(model, g, delim) for g in groups] if cfg.minibatches > 1 else [None] * len(groups)
+    t2 = time.time()
+    # 3–5. Per mini-batch: one forward per question gives rewards and loss; backward; all-reduce; AdamW.
+    model.train()
+    per_batch = len(groups) // cfg.minibatches
+    norm = per_batch * world * cfg.samples_per_question * cfg.max_think_tokens  # a constant token count
+    results, grad_norms = [], []
+    for m in range(cfg.minibatches):
+        optimizer.zero_grad(set_to_none=True)
+        part = slice(m * per_batch, (m + 1) * per_batch)
+        for g, lc0, old in zip(groups[part], logc_empty[part], frozen[part]):
+            results.append(train_on_group(model, g, lc0, old, delim, cfg, amp, norm))
+        all_reduce_grads(model, world)
+        grad_norms.append(apply_update(model, optimizer, cfg))
+    times = {"time/rollout": t1 - t0, "time/score_empty": t2 - t1, "time/update": time.time() - t2}
+    return step_log(groups, results, grad_norms, times, cfg), list(zip(groups, results))
+
+
+def rollout(model, tok, questions, cfg, seed):
+    """K traces per question, `rollout_questions` questions per sampler call (0 = all at once)."""
+    K, chunk = cfg.samples_per_question, cfg.rollout_questions or len(questions)
+    generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
+    groups = []
+    for start in range(0, len(questions), chunk):
+        part = questions[start:start + chunk]
+        prompts = [prompt_ids(tok, q["question"], cfg.instruction, cfg.system) for q in part]
+        traces, emitted, logps = sample_traces(model, tok, prompts, cfg.think_end, cfg.max_think_tokens, K,
+                                               cfg.temperature, generator)
+        for i, (q, prompt) in enumerate(zip(part, prompts)):  # rows are grouped by prompt: i*K .. i*K+K-1
+            rows = slice(i * K, (i + 1) * K)
+            groups.append(Group(q, prompt, answer_ids(tok, q["answer"]), traces[rows], emitted[rows], logps[rows]))
+    return groups
+
+
+@torch.no_grad()
+def score_before_update(model, g, delim):
+    """(log c (K, T), log-probs (K, L)) of a group's traces under the policy that sampled them."""
+    _, logprobs, logc, _ = score_answers(model, g.rows(), delim, trace_too=True)
+    return logc, logprobs
+
+
+@dataclass(frozen=True)
+class Result:
+    """What one question's update computed: rewards, advantages, and its loss terms (already normalised)."""
+    logc: torch.Tensor        # (K, T) log c_{i,k}, detached
+    logc_empty: torch.Tensor  # (T,) log c_i^∅
+    R: torch.Tensor           # (K,) rewards f(c_k)
+    R_empty: torch.Tensor     # () reward of the empty trace
+    A: torch.Tensor           # (K,) advantages
+    zero_std: bool            # every trace got the same reward: no policy-gradient signal
+    terms: dict               # loss term name -> float
+    clipped: float            # fraction of trace tokens whose importance weight was masked
+
+
+def train_on_group(model, g, logc_empty, frozen, delim, cfg, amp, norm):
+    """Steps 3–5 for one question's K traces: the forward, rewards, advantages, loss, backward."""
+    # 3. One teacher-forced forward with gradients: log-probs of trace, delimiter and answer tokens.
+    with amp():
+        batch, logprobs, logc, mask = score_answers(model, g.rows(), delim, trace_too=True)
+    # The rewards come from this very forward, detached: scoring and training are one computation.
+    # Off-policy (a later mini-batch) they come from the scores taken before the first update.
+    logc_reward, old_logprobs = (logc.detach(), None) if frozen is None else frozen
+    # 4. Advantages: R_k = f(c_k), clipped at R(∅) if asked, normalised within the question's group.
+    R, R_empty, A, zero_std = advantages(logc_reward, logc_empty, mask, cfg)
+    # 5. The loss terms, summed over the group and divided by the constant token count; backward.
+    terms, clipped = nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, old_logprobs)
+    coef = dict(policy=1.0, format=cfg.format_loss_coef, answer_nll=cfg.token_loss_coef)
+    (sum(coef[k] * v for k, v in terms.items()) / norm).backward()
+    return Result(logc_reward, logc_empty, R, R_empty, A, bool(zero_std), {k: v.item() / norm for k, v in terms.items()},
+                  clipped)
+
+
+def advantages(logc, logc_empty, mask, cfg):
+    """R_k = f(c_k), R(∅) = f(c^∅), R'_k (baseline clip), A_k = group-normalised R'_k."""
+    K = logc.shape[0]
+    empty = logc_empty.expand(K, -1)  # (T,) → (K, T): the same weights for every trace
+    R = aggregate(cfg.aggregation, logc, mask, empty)
+    R_empty = aggregate(cfg.aggregation, empty[:1], mask[:1], empty[:1])[0]
+    R_prime = clip_to_baseline(R, R_empty) if cfg.baseline_clip else R
+    A, zero_std = group_normalise(R_prime, K)
+    return R, R_empty, A, zero_std[0]
+
+
+def nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, old_logprobs=None):
+    """The three NRT loss terms of one question's K traces, summed over tokens (not yet normalised).
+
+    policy      − Σ_{t∈z_k} A_k · w_IS · log π(t)    REINFORCE on trace tokens (incl. a delimiter it wrote)
+    format      − Σ log π(delimiter | x, z_k)         only where the trace did not write the delimiter
+    answer_nll  − Σ_i s_i · log c_{i,k}               s_i = 1 (fixed) or α_i c_i (derived, reward.token_weights)
+    Returns (terms, fraction of trace tokens whose importance weight was masked)."""
+    w_is, clipped = torch.ones_like(logprobs), 0.0  # on-policy: ρ = 1, no ratio and no clip needed
+    if old_logprobs is not None:  # stop-gradient ρ clipped to [low, high]; PPO-style mask where clipping binds
+        ratio = (logprobs - old_logprobs).exp().detach()
+        blocked = ((A[:, None] > 0) & (ratio > cfg.clip_high)) | ((A[:, None] < 0) & (ratio < cfg.clip_low))
+        w_is = ratio.clamp(cfg.clip_low, cfg.clip_high).masked_fill(blocked, 0.0)
+        clipped = blocked[batch.trace_mask].float().mean().item() if batch.trace_mask.any() else 0.0
+    policy = -(A[:, None] * w_is * logprobs * batch.trace_mask).sum()
+    fmt = -(logprobs * batch.format_mask).sum()
+    if cfg.token_weight == "derived":
+        s = token_weights(cfg.aggregation, logc, mask, logc_empty.expand_as(logc))
+    else:
+        s = mask.float()
+    answer_nll = -(s * logc * mask).sum()
+    return dict(policy=policy, format=fmt, answer_nll=answer_nll), clipped
+
+
+def sft_step(model, optimizer, tok, delim, questions, cfg, amp, world=1):
+    """The SFT baseline: − Σ_i log π(y*_i | x, ∅), averaged over the step's questions."""
+    t0 = time.time()
+    model.train()
+    optimizer.zero_grad(set_to_none=True)
+    rows = [(prompt_ids(tok, q["question"], cfg.instruction, cfg.system), [], False, answer_ids(tok, q["answer"]))
+            for q in questions]
+    with amp():
+        _, _, logc, mask = score_answers(model, rows, delim)
+    loss = -(logc * mask).sum() / (len(questions) * world)
+    loss.backward()
+    all_reduce_grads(model, world)
+    grad_norm = apply_update(model, optimizer, cfg)
+    return {"loss": loss.item(), "loss/answer_nll": loss.item(), "grad_norm": grad_norm,
+            "nrt/answer_logprob": logc[mask].mean().item(), "time/update": time.time() - t0}, []
+
+
+def apply_update(model, optimizer, cfg):
+    """Clip and step, unless the gradient is not finite: then skip, warn, and keep the weights intact."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    if not math.isfinite(grad_norm):
+        print(f"warning: non-finite gradient norm ({grad_norm}); update skipped", file=sys.stderr)
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+    optimizer.step()
+    return grad_norm
+
+
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay from lr to lr·min_lr_frac, reached on the last step."""
+    warmup = max(1, int(cfg.warmup_frac * cfg.steps))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - 1 - warmup))
+    return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
 
 def step_questions(rows, step, B, seed):
     """Questions for `step`: consecutive slices of a per-epoch shuffle, a pure function of (seed, step)."""
@@ -129,353 +286,152 @@ def step_questions(rows, step, B, seed):
     return out
 
 
-def lr_at(step, cfg):
-    warmup = max(1, int(cfg["warmup_frac"] * cfg["steps"]))
-    if step < warmup:
-        return cfg["lr"] * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, cfg["steps"] - 1 - warmup))  # the floor on the last step
-    floor = cfg["min_lr_frac"]
-    return cfg["lr"] * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+# ---- logging: TRL's names where TRL logs the same quantity, nrt/… for what is NRT's own ----
+
+def step_log(groups, results, grad_norms, times, cfg):
+    """One line of log.jsonl for an NRT step (rank 0's questions)."""
+    cat = lambda xs: torch.cat([x.float().flatten().cpu() for x in xs])  # noqa: E731
+    R, lens = cat(r.R for r in results), torch.tensor([len(z) for g in groups for z in g.traces], dtype=torch.float)
+    terms = {k: sum(r.terms[k] for r in results) / cfg.minibatches for k in results[0].terms}
+    coef = {"policy": 1.0, "format": cfg.format_loss_coef, "answer_nll": cfg.token_loss_coef}
+    log = {"loss": sum(coef[k] * v for k, v in terms.items()), **{f"loss/{k}": v for k, v in terms.items()},
+           "grad_norm": sum(grad_norms) / len(grad_norms),
+           "reward": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
+           "frac_reward_zero_std": sum(r.zero_std for r in results) / len(results),
+           "completions/mean_length": lens.mean().item(), "completions/max_length": lens.max().item(),
+           "entropy": -torch.tensor([x for g in groups for lp in g.trace_logprobs for x in lp]).mean().item(),
+           "nrt/reward_empty": cat(r.R_empty for r in results).mean().item(),
+           "nrt/answer_logprob": cat(r.logc for r in results).mean().item(),
+           # the answer tokens the model misses without a trace (c^∅ < 0.5): where reasoning must help
+           "nrt/hard_answer_logprob": cat(r.logc[:, hard_tokens(r.logc_empty)] for r in results).mean().item(),
+           "nrt/frac_delimiter": sum(e for g in groups for e in g.emitted) / len(lens)}
+    if cfg.minibatches > 1:
+        log["clip_ratio/region_mean"] = sum(r.clipped for r in results) / len(results)
+    n_tokens = sum(len(g.prompt) + len(z) + len(g.answer) for g in groups for z in g.traces)
+    return {**log, **times, "tokens_per_s": n_tokens / max(sum(times.values()), 1e-9)}
 
 
-# ---- rollout → score → advantages → loss → update ----
-
-def rollout(model, tok, questions, cfg, seed, row_offset=0, total_rows=None):
-    """K traces per question, `rollout_questions` questions per sampler call (0 = all at once).
-
-    Every call draws from a generator seeded with `seed` and takes its own rows of the step's whole
-    batch (sample.generate's row_slice), so the traces do not depend on the chunking or on how the
-    questions are split over data-parallel ranks."""
-    K = cfg["samples_per_question"]
-    chunk = cfg["rollout_questions"] or len(questions)
-    total_rows = total_rows or len(questions) * K
-    device = model.embed.weight.device
-    groups = []
-    for start in range(0, len(questions), chunk):
-        part = questions[start:start + chunk]
-        groups += rollout_chunk(model, tok, part, cfg, torch.Generator(device).manual_seed(seed),
-                                (row_offset + start * K, total_rows))
-    return groups
+CONSOLE = ("reward", "nrt/reward_empty", "frac_reward_zero_std", "completions/mean_length", "entropy",
+           "nrt/frac_delimiter", "nrt/answer_logprob", "loss", "grad_norm")
 
 
-def rollout_chunk(model, tok, questions, cfg, generator, row_slice):
-    prompts = [prompt_ids(tok, q["question"], cfg["instruction"], cfg["system"]) for q in questions]
-    K = cfg["samples_per_question"]
-    out = generate(model, prompts, num_samples=K, max_new_tokens=cfg["max_think_tokens"],
-                   temperature=cfg["temperature"], stop_ids=tok.stop_ids, stop_strings=[cfg["think_end"]],
-                   decode=tok.decode, generator=generator, row_slice=row_slice)
-    groups = []
-    for q, (i, prompt) in zip(questions, enumerate(prompts)):
-        traces, emitted, logps = [], [], []
-        for r in range(i * K, (i + 1) * K):
-            ids, lps = out.tokens[r], out.logprobs[r]
-            if out.stop_reason[r] == "stop_id":  # ended its turn without the delimiter: drop EOS
-                ids, lps = ids[:-1], lps[:-1]
-            traces.append(ids)
-            logps.append(lps)
-            emitted.append(out.stop_reason[r] == "stop_string")
-        groups.append(Group(q, prompt, answer_ids(tok, q["answer"]), traces, emitted, logps))
-    return groups
+def print_step(log, cfg, elapsed, done, todo):
+    parts = " ".join(f"{k} {log[k]:.3g}" for k in CONSOLE if k in log)
+    times = " ".join(f"{k[5:]} {v:.1f}s" for k, v in log.items() if k.startswith("time/"))
+    print(f"step {log['step']}/{cfg.steps} {parts} learning_rate {log['learning_rate']:.2e} | {times} "
+          f"| ETA {elapsed / max(done, 1) * todo / 60:.1f} min", flush=True)
 
 
-@torch.no_grad()
-def score(model, groups, delim, cfg):
-    """log c^∅ for every group. On-policy that is all: the traces' log c come from the training forward.
-    When the rollout is reused (off-policy), also the traces' log c and the old policy's log-probs."""
-    device = model.embed.weight.device
-    if cfg["updates_per_rollout"] == 1:  # the empty traces of all questions in one forward
-        batch = build_batch([(g.prompt, [], False, g.answer) for g in groups], delim, device)
-        logc, mask = answer_logc(token_logprobs(model, batch.tokens, batch.answer_mask), batch.answer_mask)
-        for g, lc, m in zip(groups, logc, mask):
-            g.logc_empty = lc[m]
-        return
-    for g in groups:
-        g.logc, g.logc_empty, g.old_logprobs = score_group(model, g.prompt, g.traces, g.emitted, delim, g.answer)
-
-
-def advantages(logc, logc_empty, mask, cfg):
-    """R_k = f(c_k), R(∅) = f(c^∅), R'_k (baseline clip), A_k = group-normalised R'_k."""
-    K = logc.shape[0]
-    empty = logc_empty.expand(K, -1)
-    R = aggregate(cfg["aggregation"], logc, mask, empty)
-    R_empty = aggregate(cfg["aggregation"], empty[:1], mask[:1], empty[:1])
-    R_prime = clip_to_baseline(R, R_empty) if cfg["baseline_clip"] else R
-    A, zero_std = group_normalise(R_prime, K)
-    return R, R_empty, A, zero_std
-
-
-def nrt_loss(logprobs, batch, logc, mask, A, g, cfg, old_logprobs=None, ref_logprobs=None):
-    """The three NRT loss terms summed over one group (not yet normalised), plus KL if asked."""
-    w_is = torch.ones_like(logprobs)
-    if old_logprobs is not None:  # stop-gradient clipped importance weight with PPO-style masking
-        ratio = (logprobs - old_logprobs).exp().detach()
-        w_is = ratio.clamp(cfg["clip_low"], cfg["clip_high"])
-        blocked = ((A[:, None] > 0) & (ratio > cfg["clip_high"])) | ((A[:, None] < 0) & (ratio < cfg["clip_low"]))
-        w_is = w_is.masked_fill(blocked, 0.0)
-    pg = -(A[:, None] * w_is * logprobs * batch.trace_mask).sum()
-    fmt = -(logprobs * batch.format_mask).sum()
-    if cfg["token_weight"] == "derived":
-        s = token_weights(cfg["aggregation"], logc, mask, g.logc_empty.expand_as(logc))
-    else:
-        s = mask.float()
-    tok = -(s * logc * mask).sum()
-    terms = dict(pg=pg, format=fmt, token=tok)
-    if ref_logprobs is not None:  # k3 estimator of KL(π || π_ref) on trace tokens
-        d = (ref_logprobs - logprobs) * batch.trace_mask
-        terms["kl"] = ((d.exp() - d - 1) * batch.trace_mask).sum()
-    return terms
-
-
-def update(model, ref_model, optimizer, groups, delim, cfg, amp, world=1):
-    """Loss over every group (one micro-batch each), backward, clip, AdamW; returns stats for the log.
-
-    With `world` data-parallel ranks, each holds len(groups) of the step's questions; the normaliser
-    counts all of them, so the all-reduced (summed) gradient equals one process doing the whole batch."""
-    device = model.embed.weight.device
-    norm = len(groups) * world * cfg["samples_per_question"] * cfg["max_think_tokens"]  # constant token count
-    coef = dict(pg=1.0, format=cfg["format_loss_coef"], token=cfg["token_loss_coef"], kl=cfg["kl_coef"])
-    stats = dict(terms={})
-    for epoch in range(cfg["updates_per_rollout"]):
-        optimizer.zero_grad(set_to_none=True)
-        for g in groups:
-            batch = build_batch([(g.prompt, z, e, g.answer) for z, e in zip(g.traces, g.emitted)], delim, device)
-            old = ref = None
-            with amp:
-                logprobs = token_logprobs(model, batch.tokens, batch.trace_mask | batch.format_mask | batch.answer_mask)
-                if ref_model is not None:
-                    with torch.no_grad():
-                        ref = token_logprobs(ref_model, batch.tokens, batch.trace_mask)
-            logc, mask = answer_logc(logprobs, batch.answer_mask)
-            if cfg["updates_per_rollout"] > 1:
-                old = g.old_logprobs
-            if epoch == 0:  # on-policy: the reward comes from this very forward, detached
-                if g.logc is None:
-                    g.logc = logc.detach()
-                g.R, g.R_empty, g.A, g.zero_std = advantages(g.logc, g.logc_empty, mask, cfg)
-            terms = nrt_loss(logprobs, batch, logc, mask, g.A, g, cfg, old, ref)
-            loss = sum(coef[k] * v for k, v in terms.items()) / norm
-            loss.backward()
-            for k, v in terms.items():
-                stats["terms"][k] = stats["terms"].get(k, 0.0) + v.item() / norm / cfg["updates_per_rollout"]
-        all_reduce_grads(model, world)
-        stats["grad_norm"] = apply_update(model, optimizer, cfg)
-    return stats
-
-
-def sft_update(model, optimizer, questions, tok, delim, cfg, amp, world=1):
-    """The SFT baseline: − log π(y* | x, ∅) summed over answer tokens, averaged over the step's questions."""
-    device = model.embed.weight.device
-    optimizer.zero_grad(set_to_none=True)
-    rows = [(prompt_ids(tok, q["question"], cfg["instruction"], cfg["system"]), [], False,
-             answer_ids(tok, q["answer"])) for q in questions]
-    batch = build_batch(rows, delim, device)
-    with amp:
-        logprobs = token_logprobs(model, batch.tokens, batch.answer_mask)
-    loss = -(logprobs * batch.answer_mask).sum() / (len(questions) * world)
-    loss.backward()
-    all_reduce_grads(model, world)
-    return dict(terms=dict(token=loss.item()), grad_norm=apply_update(model, optimizer, cfg),
-                answer_logprob=logprobs[batch.answer_mask].mean().item())
-
-
-def apply_update(model, optimizer, cfg):
-    """Clip and step, unless the gradient is not finite: then skip, warn, and keep the weights intact."""
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"]).item()
-    if not math.isfinite(grad_norm):
-        print(f"warning: non-finite gradient norm ({grad_norm}); update skipped", file=sys.stderr)
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-    optimizer.step()
-    return grad_norm
-
-
-# ---- logging, checkpoints, the loop ----
-
-def step_log(step, stats, groups, lr, times, n_tokens):
-    """One line of log.jsonl: loss terms, and for NRT the reward, advantage and trace statistics."""
-    log = dict(step=step + 1, lr=lr, loss=sum(stats["terms"].values()), grad_norm=stats["grad_norm"],
-               **{f"loss_{k}": v for k, v in stats["terms"].items()})
-    if not groups:  # SFT
-        log["answer_logprob"] = stats["answer_logprob"]
-    else:
-        cat = lambda xs: torch.cat([x.float().flatten().cpu() for x in xs])  # noqa: E731
-        R, A = cat(g.R for g in groups), cat(g.A for g in groups)
-        lens = torch.tensor([len(z) for g in groups for z in g.traces], dtype=torch.float)
-        trace_lp = torch.tensor([x for g in groups for lp in g.trace_logprobs for x in lp])
-        # hard answer tokens: the ones the model misses without a trace (c^∅ < 0.5)
-        hard = cat(g.logc[:, g.logc_empty < math.log(0.5)] for g in groups)
-        log.update(reward_mean=R.mean().item(), reward_std=R.std(unbiased=False).item(),
-                   reward_empty_mean=cat(g.R_empty for g in groups).mean().item(),
-                   adv_mean=A.mean().item(), adv_std=A.std(unbiased=False).item(), adv_abs_max=A.abs().max().item(),
-                   frac_reward_zero_std=cat(g.zero_std for g in groups).mean().item(),
-                   trace_len_mean=lens.mean().item(), trace_len_max=int(lens.max()),
-                   frac_delimiter=sum(e for g in groups for e in g.emitted) / len(lens),
-                   trace_entropy=-trace_lp.mean().item(), answer_logprob=cat(g.logc for g in groups).mean().item(),
-                   hard_answer_logprob=hard.mean().item())
-    total = sum(times.values())
-    log.update({f"t_{k}": v for k, v in times.items()}, tok_s=n_tokens / max(total, 1e-9))
-    return log
+def print_example(tok, g, r):
+    k = int(torch.argmax(r.R))
+    print(f"  example  Q: {g.row['question']!r}  y*: {g.row['answer']!r}\n  best trace (reward {r.R[k].item():.3g}, "
+          f"empty {r.R_empty.item():.3g}, emitted {g.emitted[k]}): {tok.decode(g.traces[k])!r}", flush=True)
 
 
 def append_log(cfg, entry):
     """One strict-JSON line in out_dir/log.jsonl (a NaN, e.g. no hard tokens this step, becomes null)."""
-    entry = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in entry.items()}
-    with open(os.path.join(cfg["out_dir"], "log.jsonl"), "a") as f:
-        f.write(json.dumps(entry) + "\n")
+    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(json_safe(entry)) + "\n")
 
 
-def print_step(log, cfg, elapsed, done, todo):
-    eta = elapsed / max(done, 1) * todo
-    keys = ["reward_mean", "reward_empty_mean", "frac_reward_zero_std", "trace_len_mean", "frac_delimiter",
-            "trace_entropy", "answer_logprob", "loss", "grad_norm"]
-    parts = " ".join(f"{k.replace('reward_', 'R_').replace('frac_', 'f_')} {log[k]:.3g}" for k in keys if k in log)
-    times = " ".join(f"{k} {log['t_' + k]:.1f}s" for k in ("sample", "score", "update") if "t_" + k in log)
-    rate = f" | {log['tok_s']:.0f} tok/s" if log["tok_s"] else ""  # SFT counts no rollout tokens
-    print(f"step {log['step']}/{cfg['steps']} {parts} lr {log['lr']:.2e} | {times}{rate} | ETA {eta / 60:.1f} min",
-          flush=True)
+# ---- configuration, set-up, the loop ----
 
-
-def print_example(tok, g, delim):
-    k = int(torch.argmax(g.R))
-    print(f"  example  Q: {g.row['question']!r}  y*: {g.row['answer']!r}\n"
-          f"  best trace (R={g.R[k].item():.3g}, R(∅)={g.R_empty.item():.3g}, emitted={g.emitted[k]}): "
-          f"{tok.decode(g.traces[k])!r}", flush=True)
-
-
-def load_rows(paths):
-    return [row for path in paths.split(",") if path for row in load_qa(path)]
-
-
-def eval_rows(cfg):
-    """An even mix of the first questions of each test file (deterministic)."""
-    files = [p for p in cfg["test_data"].split(",") if p]
-    if not files or cfg["eval_questions"] <= 0:
-        return []
-    per = max(1, cfg["eval_questions"] // len(files))
-    return [row for path in files for row in load_qa(path)[:per]]
-
-
-def run_eval(model, tok, rows, cfg, amp, label):
-    from eval import evaluate
-    if not rows:
-        return None
-    model.eval()
-    t0 = time.time()
-    with amp:
-        summary, _ = evaluate(model, tok, rows, cfg["instruction"], cfg["system"], cfg["think_end"],
-                              cfg["max_think_tokens"], think=cfg["method"] == "nrt")
-    print(f"eval ({label}, {len(rows)} held-out questions, {time.time() - t0:.0f}s): "
-          + " ".join(f"{k} {v:.3f}" for k, v in summary.items() if k != "n"), flush=True)
-    return summary
-
-
-def resolve_config():
-    cfg = parse_args(DEFAULTS)
-    if cfg["preset"]:
-        if cfg["preset"] not in PRESETS:
-            raise SystemExit(f"--preset: unknown preset {cfg['preset']!r}; known: {', '.join(PRESETS)}")
-        cfg = parse_args({**DEFAULTS, **PRESETS[cfg["preset"]]})  # explicit overrides still win
-    from reward import AGGREGATIONS
-    for key, allowed in (("aggregation", AGGREGATIONS), ("token_weight", ("fixed", "derived")), ("method", ("nrt", "sft"))):
+def resolve_config(argv=None):
+    cfg = parse_args(DEFAULTS, argv)
+    if cfg.preset:
+        if cfg.preset not in PRESETS:
+            raise SystemExit(f"--preset: unknown preset {cfg.preset!r}; known: {', '.join(PRESETS)}")
+        cfg = parse_args({**DEFAULTS, **PRESETS[cfg.preset]}, argv)  # explicit overrides still win
+    for key, allowed in (("aggregation", AGGREGATIONS), ("token_weight", ("fixed", "derived")),
+                         ("method", ("nrt", "sft")), ("dtype", PRECISIONS)):
         if cfg[key] not in allowed:
             raise SystemExit(f"--{key}: expected one of {allowed}, got {cfg[key]!r}")
+    if cfg.dtype == "bf16-true" and cfg.lora_rank == 0:
+        raise SystemExit("--dtype=bf16-true: trained weights need fp32 master weights (bf16 rounds most "
+                         "updates away); use bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen bf16 base)")
+    if cfg.questions_per_step % cfg.minibatches:
+        raise SystemExit(f"--minibatches={cfg.minibatches} must divide --questions_per_step={cfg.questions_per_step}")
     return cfg
 
 
-def train_step(step, model, ref_model, optimizer, tok, delim, rows, cfg, amp, rank, world):
-    """One step on this rank's share of the step's questions; returns (log dict, groups)."""
-    lr = lr_at(step, cfg)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    B = cfg["questions_per_step"]
-    questions = step_questions(rows, step, B, cfg["seed"])[rank * B // world:(rank + 1) * B // world]
-    if cfg["method"] == "sft":
-        t0 = time.time()
-        model.train()
-        stats = sft_update(model, optimizer, questions, tok, delim, cfg, amp, world)
-        return step_log(step, stats, [], lr, dict(update=time.time() - t0), 0), []
-    K = cfg["samples_per_question"]
-    t0 = time.time()
-    model.eval()  # no adapter dropout while sampling and scoring
-    with amp:
-        groups = rollout(model, tok, questions, cfg, cfg["seed"] * 1_000_003 + step, rank * B // world * K, B * K)
-        t1 = time.time()
-        score(model, groups, delim, cfg)
-    t2 = time.time()
-    model.train()
-    stats = update(model, ref_model, optimizer, groups, delim, cfg, amp, world)
-    times = dict(sample=t1 - t0, score=t2 - t1, update=time.time() - t2)
-    n_tokens = sum(len(g.prompt) + len(z) + len(g.answer) for g in groups for z in g.traces)
-    return step_log(step, stats, groups, lr, times, n_tokens), groups
-
-
-def print_comparison(before, after):
-    print("held-out                    before    after")
-    for key in after:
-        if key != "n" and key in before:
-            print(f"  {key:<24} {before[key]:8.3f} {after[key]:8.3f}")
-
-
-def main():
-    cfg = resolve_config()
-    if cfg["dry_run"]:
+def main(argv=None):
+    cfg = resolve_config(argv)
+    rank, world, device = init_distributed(resolve_device(cfg.device))
+    if rank == 0:
+        print_config(cfg)
+    if cfg.dry_run:
         from memory import plan_training_run
-        print_config(cfg)
         return plan_training_run(cfg)
-    rank, world, device = init_distributed(resolve_device(cfg["device"]))
-    if cfg["questions_per_step"] % world:
-        raise SystemExit(f"--questions_per_step={cfg['questions_per_step']} must be divisible by the {world} ranks")
+    if cfg.questions_per_step % (world * cfg.minibatches):
+        raise SystemExit(f"--questions_per_step={cfg.questions_per_step} must be divisible by "
+                         f"{world} ranks × {cfg.minibatches} minibatches")
+    weight_dtype, amp = resolve_precision(cfg.dtype, device)
+    model, tok, state = load_for_training(cfg, device, weight_dtype)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
+                                  weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
+    start = state["step"] if state else 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+    delim = delimiter_ids(tok, cfg.think_end)
+    rows = load_rows(cfg.data)
     if rank == 0:
-        print_config(cfg)
-    cuda = device.startswith("cuda")
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg["dtype"] == "auto" else contextlib.nullcontext()
-    model, ref_model, tok, optimizer, start = load_for_training(cfg, device, rank)
-    delim = delimiter_ids(tok, cfg["think_end"])
-    train_rows, test_rows = load_rows(cfg["data"]), eval_rows(cfg) if rank == 0 else []
-    if rank == 0:
-        print(f"{len(train_rows)} training questions, {len(test_rows)} held-out for eval; "
+        print(f"{f'resumed from {cfg.out_dir} at step {start}; ' if start else ''}{len(rows)} training questions; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device} × {world}, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained", flush=True)
-    if cfg["compile"]:
+    if cfg.compile:
         model.hidden = torch.compile(model.hidden, dynamic=True)  # the module itself stays uncompiled: clean names
-    before = run_eval(model, tok, test_rows, cfg, amp, "before") if start == 0 else None
+    before = heldout_eval(model, tok, cfg, amp, "before") if rank == 0 and start == 0 else None
     if rank == 0:
-        os.makedirs(cfg["out_dir"], exist_ok=True)
-    if before:
-        append_log(cfg, dict(eval="before", step=start, **before))
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        if before:
+            append_log(cfg, dict(eval="before", step=start, **before))
 
-    stop = {"requested": False}
-    def on_sigint(signum, frame):  # noqa: E306 - finish the step, save, then exit; a second Ctrl-C kills
-        if stop["requested"]:
+    # Ctrl-C or SIGTERM (kill, a scheduler's preemption): finish the step, save, exit non-zero.
+    stop = {}
+    def on_signal(signum, frame):  # noqa: E306 - a second signal aborts without saving
+        if stop:
             raise KeyboardInterrupt
-        stop["requested"] = True
-        print("\nCtrl-C: finishing this step, then saving (Ctrl-C again to abort without saving)", flush=True)
-    signal.signal(signal.SIGINT, on_sigint)
+        stop["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to abort)", flush=True)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
     t_start, step = time.time(), start
-    while step < cfg["steps"]:
-        out_of_time = cfg["time_budget_min"] > 0 and time.time() - t_start > 60 * cfg["time_budget_min"]
-        if any_rank(stop["requested"] or out_of_time, world):
+    B = cfg.questions_per_step
+    while step < cfg.steps:
+        out_of_time = cfg.time_budget_min > 0 and time.time() - t_start > 60 * cfg.time_budget_min
+        if any_rank(bool(stop) or out_of_time, world):
             break
-        log, groups = train_step(step, model, ref_model, optimizer, tok, delim, train_rows, cfg, amp, rank, world)
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        questions = step_questions(rows, step, B, cfg.seed)[rank * B // world:(rank + 1) * B // world]
+        if cfg.method == "sft":
+            log, examples = sft_step(model, optimizer, tok, delim, questions, cfg, amp, world)
+        else:  # each rank samples with its own stream: seeded by (seed, step, rank)
+            seed = (cfg.seed * 1_000_003 + step) * 1009 + rank
+            log, examples = nrt_step(model, optimizer, tok, delim, questions, cfg, amp, seed, world)
         step += 1
+        log = {"step": step, "learning_rate": lr, **log}
         if rank == 0:  # rank 0 logs its own questions' statistics and saves for everyone
             append_log(cfg, log)
-            print_step(log, cfg, time.time() - t_start, step - start, cfg["steps"] - step)
-            if groups and cfg["example_every"] and step % cfg["example_every"] == 0:
-                print_example(tok, groups[0], delim)
-            if cfg["save_every"] and step % cfg["save_every"] == 0 and step < cfg["steps"]:
+            print_step(log, cfg, time.time() - t_start, step - start, cfg.steps - step)
+            if examples and cfg.example_every and step % cfg.example_every == 0:
+                print_example(tok, *examples[0])
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_checkpoint(model, optimizer, step, cfg)
+        barrier(world)  # the other ranks wait here while rank 0 saves
     if rank == 0:
         save_checkpoint(model, optimizer, step, cfg)
     finish_distributed(world)
-    if stop["requested"]:
-        sys.exit(130)
-    after = run_eval(model, tok, test_rows, cfg, amp, "after")
+    if stop:
+        sys.exit(128 + stop["signal"])
+    after = heldout_eval(model, tok, cfg, amp, "after", before) if rank == 0 else None
     if after:
         append_log(cfg, dict(eval="after", step=step, **after))
-        if before:
-            print_comparison(before, after)
+    if rank == 0 and importlib.util.find_spec("matplotlib"):  # the curves as a picture, when it can draw
+        from plot import plot_runs
+        print(f"training curves: {plot_runs([cfg.out_dir])}", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ import torch
 from conftest import tiny_model
 
 import eval as ev
-from reward import answer_ids, delimiter_ids, extract_answer, is_correct, prompt_ids, score_group
+from data import answer_ids, delimiter_ids, extract_answer, is_correct, prompt_ids
+from reward import sample_traces, score_answers
 from tokenizer import Tokenizer, _byte_decoder
 
 SPECIALS = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
@@ -99,18 +100,20 @@ def test_pass_at_k_equals_brute_force_over_k_subsets():
 
 # ---- the metrics against the scoring code ----
 
-def test_likelihood_metric_equals_score_group(tiny):
+def test_likelihood_metric_equals_score_answers(tiny):
     model, tok = tiny
     rows = ROWS[:4]
     opt = dict(instruction="", system="", think_end="\nAnswer:", max_think_tokens=6)
     summary, examples = ev.evaluate(model, tok, rows, **opt, max_answer_tokens=3, batch_size=4)
-    prompts = [prompt_ids(tok, r["question"]) for r in rows]
-    zs, emitted = ev.traces(model, tok, prompts, opt)  # the same greedy traces, same batch
+    prompts = [prompt_ids(tok, r["question"], "") for r in rows]
+    zs, emitted, _ = sample_traces(model, tok, prompts, "\nAnswer:", 6, temperature=0)  # the same greedy traces
     delim = delimiter_ids(tok, "\nAnswer:")
     for e, p, z, em, row in zip(examples, prompts, zs, emitted, rows):
-        logc, logc_empty, _ = score_group(model, p, [z], [em], delim, answer_ids(tok, row["answer"]))
+        a = answer_ids(tok, row["answer"])
+        with torch.no_grad():
+            _, _, logc, _ = score_answers(model, [(p, z, em, a), (p, [], False, a)], delim)
         assert e["logc"] == pytest.approx(logc[0].tolist(), abs=1e-5)
-        assert e["logc_direct"] == pytest.approx(logc_empty.tolist(), abs=1e-5)
+        assert e["logc_direct"] == pytest.approx(logc[1].tolist(), abs=1e-5)
         assert e["answer_logprob"] == pytest.approx(logc[0].sum().item(), abs=1e-4)
         assert e["trace_len"] == len(z) and e["emitted"] == em
     assert summary["answer_logprob_direct"] == pytest.approx(sum(sum(e["logc_direct"]) for e in examples) / 4)
@@ -179,14 +182,14 @@ def test_paired_interval_by_hand():
 def test_a_crash_keeps_the_finished_chunks(tiny_dir, tmp_path, monkeypatch):
     data, out = write_rows(tmp_path / "mini.jsonl", ROWS[:4]), str(tmp_path / "preds.jsonl")
     calls = []
-    real = ev.score_answers
+    real = ev.score_options
 
     def failing(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
         return real(*args)
-    monkeypatch.setattr(ev, "score_answers", failing)
+    monkeypatch.setattr(ev, "score_options", failing)
     with pytest.raises(RuntimeError, match="boom"):
         ev.main([f"--model_dir={tiny_dir}", f"--data={data}", f"--out={out}", "--batch_size=2", "--think=False",
                  "--max_answer_tokens=2", "--instruction="])
@@ -194,16 +197,23 @@ def test_a_crash_keeps_the_finished_chunks(tiny_dir, tmp_path, monkeypatch):
         assert [json.loads(x)["index"] for x in f] == [0, 1]
 
 
-def test_prompt_format_matches_training():
-    from train import DEFAULTS as TRAIN
-    for key in ("instruction", "think_end", "system", "max_think_tokens"):
-        assert ev.DEFAULTS[key] == TRAIN[key], key
+def test_an_existing_output_file_is_never_overwritten_silently(tiny_dir, tmp_path):
+    data, out = write_rows(tmp_path / "mini.jsonl", ROWS[:1]), tmp_path / "preds.jsonl"
+    out.write_text("precious\n")
+    argv = [f"--model_dir={tiny_dir}", f"--data={data}", f"--out={out}", "--think=False", "--instruction="]
+    with pytest.raises(SystemExit, match="--overwrite=True"):
+        ev.main(argv)
+    assert out.read_text() == "precious\n"
+    ev.main(argv + ["--overwrite=True"])
+    assert json.loads(out.read_text().splitlines()[0])["index"] == 0
 
 
 # ---- bad input ----
 
 @pytest.mark.parametrize("content, message", [
-    (None, "No such file"),
+    (None, "not a file"),
+    ('{"question": "q", "answer": "a", "answer": "b"}\n', "mini.jsonl:1: .*'answer' appears twice"),
+    (b"\xff\xfe", "not UTF-8"),
     ("", "no question/answer rows"),
     ('{"question": "q", "answer": "a"}\nnot json\n', "mini.jsonl:2: not valid JSON"),
     ('{"question": "q"}\n', "non-empty 'answer'"),
@@ -211,7 +221,7 @@ def test_prompt_format_matches_training():
 def test_bad_data_is_a_clear_error(tiny_dir, tmp_path, content, message):
     path = tmp_path / "mini.jsonl"
     if content is not None:
-        path.write_text(content)
+        path.write_bytes(content if isinstance(content, bytes) else content.encode())
     with pytest.raises(SystemExit, match=message):
         ev.main([f"--model_dir={tiny_dir}", f"--data={path}", f"--out={tmp_path / 'p.jsonl'}"])
     assert not (tmp_path / "p.jsonl").exists()  # stopped before any work
@@ -228,7 +238,8 @@ def test_bad_data_is_a_clear_error(tiny_dir, tmp_path, content, message):
 ])
 def test_bad_arguments_are_clear_errors(tiny_dir, tmp_path, args, message):
     data = write_rows(tmp_path / "mini.jsonl", ROWS[:1])
-    argv = [f"--model_dir={tiny_dir}", f"--data={data}", f"--out={tmp_path / 'p.jsonl'}"] + args
+    base = [f"--model_dir={tiny_dir}", f"--data={data}", f"--out={tmp_path / 'p.jsonl'}"]
+    argv = [a for a in base if a.split("=")[0] not in {x.split("=")[0] for x in args}] + args  # a flag once
     with pytest.raises(SystemExit, match=message):
         ev.main(argv)
 

@@ -483,7 +483,7 @@ def test_tiny_mistral_matches_transformers(tiny_mistral_dir):
 @pytest.mark.parametrize("layout", ["v0.1 legacy", "v0.1 hub"])
 def test_answer_and_delimiter_continue_the_sequence_without_an_extra_space(layout_dir, layout):
     """Mid-sequence text gets no SentencePiece '▁' prefix: ' 42' is '▁42', not '▁▁42'."""
-    from reward import answer_ids, delimiter_ids
+    from data import answer_ids, delimiter_ids
     tok = Tokenizer.from_pretrained(layout_dir(layout))
     ids = answer_ids(tok, "42")
     assert ids[-1] == tok.eos_id

@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from reward import (AGGREGATIONS, aggregate, answer_logc, build_batch, clip_to_baseline, extract_answer,
-                    group_normalise, is_correct, load_qa, normalize_answer, score_group, token_weights)
+from data import extract_answer, is_correct, load_qa, normalize_answer
+from reward import (AGGREGATIONS, aggregate, answer_logc, build_batch, clip_to_baseline,
+                    group_normalise, score_answers, token_weights)
 
 
 # ---- the aggregations on a hand-computed example with padding ----
@@ -204,7 +205,7 @@ def test_answer_logc_left_aligns_rows_of_different_answer_lengths():
     assert torch.equal(logprobs.grad, b.answer_mask.float())
 
 
-# ---- score_group against a direct per-row full-softmax computation ----
+# ---- score_answers against a direct per-row full-softmax computation ----
 
 def direct_logprobs(model, seq):
     """log π(seq[t] | seq[:t]) for t ≥ 1 from the full forward and log_softmax (index t-1 → token t)."""
@@ -213,30 +214,30 @@ def direct_logprobs(model, seq):
     return [lsm[t - 1, seq[t]].item() for t in range(1, len(seq))]
 
 
-def test_score_group_equals_direct_per_row_computation():
+@pytest.mark.parametrize("trace_too", [False, True])
+def test_score_answers_equals_direct_per_row_computation(trace_too):
     model = tiny_model(seed=1)
     prompt, delim, answer = [5, 6, 7], [9], [20, 21, 1]
     traces = [[10, 11, 12], [13], [14, 15, 9], []]
     emitted = [False, False, True, False]
-    logc, logc_empty, old = score_group(model, prompt, traces, emitted, delim, answer)
-    assert logc.shape == (4, 3) and logc_empty.shape == (3,)
+    rows = [(prompt, z, e, answer) for z, e in zip(traces, emitted)] + [(prompt, [], False, answer)]
+    with torch.no_grad():
+        batch, logprobs, logc, mask = score_answers(model, rows, delim, trace_too=trace_too)
+    assert logc.shape == (5, 3) and mask.all()
     for k, (z, e) in enumerate(zip(traces, emitted)):
         seq = prompt + z + ([] if e else delim) + answer
         lp = direct_logprobs(model, seq)
         ans = [lp[t - 1] for t in range(len(seq) - len(answer), len(seq))]
         torch.testing.assert_close(logc[k], torch.tensor(ans), atol=1e-5, rtol=1e-5)
-        trace_pos = range(len(prompt), len(prompt) + len(z))
-        torch.testing.assert_close(old[k, list(trace_pos)], torch.tensor([lp[t - 1] for t in trace_pos]),
-                                   atol=1e-5, rtol=1e-5)
-        # prompt and appended-delimiter positions are not part of the old policy's log-probs
-        assert (old[k, :len(prompt)] == 0).all()
-        if not e:
-            assert (old[k, len(prompt) + len(z):len(prompt) + len(z) + len(delim)] == 0).all()
-    seq = prompt + delim + answer
-    lp = direct_logprobs(model, seq)
-    torch.testing.assert_close(logc_empty, torch.tensor(lp[-len(answer):]), atol=1e-5, rtol=1e-5)
-    # the empty trace equals trace 3 (an empty, non-emitted trace) exactly
-    torch.testing.assert_close(logc[3], logc_empty, atol=1e-6, rtol=1e-6)
+        trace_pos = list(range(len(prompt), len(prompt) + len(z)))
+        expected = torch.tensor([lp[t - 1] for t in trace_pos]) if trace_too else torch.zeros(len(z))
+        torch.testing.assert_close(logprobs[k, trace_pos], expected, atol=1e-5, rtol=1e-5)
+        assert (logprobs[k, :len(prompt)] == 0).all()  # the prompt is never scored
+        d = slice(len(prompt) + len(z), len(prompt) + len(z) + (0 if e else len(delim)))
+        assert torch.equal(batch.format_mask[k, d], torch.ones(d.stop - d.start, dtype=torch.bool))
+        assert trace_too or (logprobs[k, d] == 0).all()
+    # the empty-trace row equals trace 3 (an empty, non-emitted trace) exactly
+    torch.testing.assert_close(logc[3], logc[4], atol=1e-6, rtol=1e-6)
 
 
 # ---- data loading ----

@@ -13,17 +13,17 @@ import torch
 from conftest import ROOT, tiny_model
 
 import train
+from cli import Config
+from data import answer_ids, delimiter_ids, prompt_ids
 from model import Transformer, token_logprobs
-from reward import answer_logc, build_batch, delimiter_ids
+from reward import answer_logc, build_batch, score_answers, score_empty_traces
 from sample import generate
 
-NO_AMP = contextlib.nullcontext()
+NO_AMP = contextlib.nullcontext  # the precision policy's autocast factory for float32
 
 
 def make_cfg(**overrides):
-    cfg = dict(train.DEFAULTS)
-    cfg.update(overrides)
-    return cfg
+    return Config({**train.DEFAULTS, **overrides})
 
 
 class CharTokenizer:
@@ -82,21 +82,22 @@ def all_finite(model):
     (["--token_weight=soft"], "--token_weight: expected one of"),
     (["--method=dpo"], "--method: expected one of"),
     (["--preset=rlpr", "--aggregation=max"], "--aggregation: expected one of"),
+    (["--dtype=bf16-true"], "fp32 master weights"),
+    (["--dtype=bfloat16"], "--dtype: expected one of"),
+    (["--minibatches=3"], "must divide --questions_per_step"),
+    (["--steps=2", "--steps=3"], "--steps is given twice"),
 ])
-def test_resolve_config_rejects_unknown_preset_and_choices(monkeypatch, argv, message):
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+def test_resolve_config_rejects_unknown_preset_and_choices(argv, message):
     with pytest.raises(SystemExit, match=message):
-        train.resolve_config()
+        train.resolve_config(argv)
 
 
-def test_resolve_config_preset_then_explicit_overrides(monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["train.py", "--preset=rlpr", "--aggregation=gm", "--steps=3"])
-    cfg = train.resolve_config()
-    assert cfg["aggregation"] == "gm" and cfg["steps"] == 3           # explicit wins
-    assert cfg["token_loss_coef"] == 0.0 and cfg["baseline_clip"] is False  # from the preset
-    monkeypatch.setattr(sys, "argv", ["train.py", "--preset=verifree"])
-    cfg = train.resolve_config()
-    assert (cfg["aggregation"], cfg["token_weight"]) == ("prob", "derived")
+def test_resolve_config_preset_then_explicit_overrides():
+    cfg = train.resolve_config(["--preset=rlpr", "--aggregation=gm", "--steps=3"])
+    assert cfg.aggregation == "gm" and cfg.steps == 3                # explicit wins
+    assert cfg.token_loss_coef == 0.0 and cfg.baseline_clip is False  # from the preset
+    cfg = train.resolve_config(["--preset=verifree"])
+    assert (cfg.aggregation, cfg.token_weight) == ("prob", "derived")
 
 
 # ---- schedule and data order ----
@@ -138,11 +139,11 @@ def test_advantages_hand_computed_gm_with_baseline_clip():
     mask = torch.ones(4, 2, dtype=torch.bool)
     R, R_empty, A, zero_std = train.advantages(c.log(), c_empty.log(), mask, make_cfg(aggregation="gm"))
     torch.testing.assert_close(R, torch.tensor([0.5, 0.2, 0.9, 0.2]))
-    torch.testing.assert_close(R_empty, torch.tensor([0.4]))
+    torch.testing.assert_close(R_empty, torch.tensor(0.4))
     Rp = torch.tensor([0.1, 0.0, 0.5, 0.0])  # max(0, R − R(∅))
     std = math.sqrt(((Rp - Rp.mean()) ** 2).mean().item())
     torch.testing.assert_close(A, (Rp - Rp.mean()) / (std + 1e-6))
-    assert zero_std.tolist() == [False]
+    assert not zero_std
     _, _, A_noclip, _ = train.advantages(c.log(), c_empty.log(), mask, make_cfg(aggregation="gm", baseline_clip=False))
     R0 = torch.tensor([0.5, 0.2, 0.9, 0.2])
     torch.testing.assert_close(A_noclip, (R0 - R0.mean()) / (R0.std(unbiased=False) + 1e-6))
@@ -153,7 +154,7 @@ def test_advantages_every_trace_worse_than_empty_gives_zero_and_is_flagged():
     logc_empty = torch.log(torch.tensor([0.9, 0.9]))
     R, R_empty, A, zero_std = train.advantages(logc, logc_empty, torch.ones(3, 2, dtype=torch.bool), make_cfg())
     assert (R < R_empty).all() and R.std() > 0
-    assert A.tolist() == [0.0, 0.0, 0.0] and zero_std.tolist() == [True]
+    assert A.tolist() == [0.0, 0.0, 0.0] and zero_std
 
 
 # ---- the NRT loss on a toy case ----
@@ -167,8 +168,7 @@ def toy_case():
     torch.manual_seed(0)
     logprobs = (torch.rand(3, 8) * -3 - 0.1).requires_grad_(True)
     A = torch.tensor([1.0, -0.7, 0.3])
-    g = types.SimpleNamespace(logc_empty=torch.tensor([-0.5, -2.0]))
-    return batch, logprobs, A, g
+    return batch, logprobs, A, torch.tensor([-0.5, -2.0])
 
 
 TRACE = {0: [2, 3, 4], 1: [2, 3, 4], 2: [2]}
@@ -200,7 +200,7 @@ def hand_token_weights(name, logc, logc_empty):
 @pytest.mark.parametrize("token_weight, aggregation", [("fixed", "ws_nlog")] + [("derived", a) for a in
                                                        ("logp", "prob", "gm", "am", "ws_inv", "ws_nlog")])
 def test_nrt_loss_equals_hand_written_formula(token_weight, aggregation):
-    batch, logprobs, A, g = toy_case()
+    batch, logprobs, A, logc_empty = toy_case()
     cfg = make_cfg(token_weight=token_weight, aggregation=aggregation)
     log_ratio = torch.full_like(logprobs, math.log(3.0))  # off the trace the ratio must not matter
     for k, pos in TRACE.items():
@@ -208,11 +208,13 @@ def test_nrt_loss_equals_hand_written_formula(token_weight, aggregation):
             log_ratio[k, t] = math.log(r)
     old = logprobs.detach() - log_ratio
     logc, mask = answer_logc(logprobs, batch.answer_mask)
-    terms = train.nrt_loss(logprobs, batch, logc, mask, A, g, cfg, old_logprobs=old)
+    terms, clipped = train.nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, old_logprobs=old)
+    assert clipped == pytest.approx(2 / 7)  # two of the seven trace tokens are masked
+    terms = dict(pg=terms["policy"], format=terms["format"], token=terms["answer_nll"])
     lp = logprobs.detach()
     pg = -sum(A[k].item() * w * lp[k, t].item() for k in TRACE for t, w in zip(TRACE[k], WEIGHT[k]))
     fmt = -sum(lp[k, t].item() for k, t in FORMAT)
-    s = {k: hand_token_weights(aggregation, [lp[k, t].item() for t in pos], g.logc_empty.tolist())
+    s = {k: hand_token_weights(aggregation, [lp[k, t].item() for t in pos], logc_empty.tolist())
          if token_weight == "derived" else [1.0, 1.0] for k, pos in ANSWER.items()}
     tok = -sum(si * lp[k, t].item() for k, pos in ANSWER.items() for t, si in zip(pos, s[k]))
     assert set(terms) == {"pg", "format", "token"}
@@ -234,29 +236,18 @@ def test_nrt_loss_equals_hand_written_formula(token_weight, aggregation):
 
 
 def test_nrt_loss_on_policy_has_unit_importance_weight():
-    batch, logprobs, A, g = toy_case()
+    batch, logprobs, A, logc_empty = toy_case()
     cfg = make_cfg()
     logc, mask = answer_logc(logprobs, batch.answer_mask)
-    plain = train.nrt_loss(logprobs, batch, logc, mask, A, g, cfg)
-    same = train.nrt_loss(logprobs, batch, logc, mask, A, g, cfg, old_logprobs=logprobs.detach().clone())
+    plain, _ = train.nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg)
+    same, clipped = train.nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, logprobs.detach().clone())
     lp = logprobs.detach()
     pg = -sum(A[k].item() * lp[k, t].item() for k in TRACE for t in TRACE[k])
-    assert plain["pg"].item() == pytest.approx(pg, rel=1e-5)
-    assert same["pg"].item() == pytest.approx(pg, rel=1e-5)
+    assert plain["policy"].item() == pytest.approx(pg, rel=1e-5)
+    assert same["policy"].item() == pytest.approx(pg, rel=1e-5) and clipped == 0.0
 
 
-def test_nrt_loss_kl_term_k3_on_trace_tokens():
-    batch, logprobs, A, g = toy_case()
-    logc, mask = answer_logc(logprobs, batch.answer_mask)
-    ref = logprobs.detach() - 0.5  # log π_ref − log π = −0.5 everywhere
-    terms = train.nrt_loss(logprobs, batch, logc, mask, A, g, make_cfg(), ref_logprobs=ref)
-    n_trace = sum(len(p) for p in TRACE.values())
-    assert terms["kl"].item() == pytest.approx(n_trace * (math.exp(-0.5) + 0.5 - 1), rel=1e-5)
-    zero = train.nrt_loss(logprobs, batch, logc, mask, A, g, make_cfg(), ref_logprobs=logprobs.detach())
-    assert zero["kl"].item() == pytest.approx(0.0, abs=1e-7)
-
-
-# ---- update(): the loss over real groups, normalised by the constant B·K·max_think_tokens ----
+# ---- train_on_group(): the loss over real groups, normalised by the constant B·K·max_think_tokens ----
 
 def manual_groups():
     """Two questions, K = 4: truncated traces of different lengths, emitted ones, an empty one."""
@@ -274,6 +265,13 @@ def full_logprobs(model, seq):
     return [None] + [lsm[t - 1, seq[t]] for t in range(1, len(seq))]
 
 
+def train_groups(model, groups, delim, cfg, world=1):
+    """Steps 2–5 of nrt_step on fixed groups (no sampling): the results, gradients left in .grad."""
+    logc_empty = score_empty_traces(model, [(g.prompt, g.answer) for g in groups], delim)
+    norm = len(groups) * world * cfg.samples_per_question * cfg.max_think_tokens
+    return [train.train_on_group(model, g, lc0, None, delim, cfg, NO_AMP, norm) for g, lc0 in zip(groups, logc_empty)]
+
+
 @pytest.mark.parametrize("token_weight", ["fixed", "derived"])
 def test_update_loss_and_gradient_equal_the_formula(token_weight):
     model = tiny_model(seed=3)
@@ -282,16 +280,14 @@ def test_update_loss_and_gradient_equal_the_formula(token_weight):
     cfg = make_cfg(samples_per_question=4, max_think_tokens=max_think, baseline_clip=False, grad_clip=1e9,
                    token_weight=token_weight, aggregation="ws_nlog")
     groups = manual_groups()
-    train.score(model, groups, delim, cfg)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keeps the weights: compare the gradient
-    stats = train.update(model, None, optimizer, groups, delim, cfg, NO_AMP)
+    results = train_groups(model, groups, delim, cfg)
 
     norm = len(groups) * 4 * max_think  # B·K·max_think_tokens, whatever the traces' actual lengths
-    totals = dict(pg=0.0, format=0.0, token=0.0)
-    for g in groups:
+    totals = dict(policy=0.0, format=0.0, answer_nll=0.0)
+    for g, r in zip(groups, results):
         empty = full_logprobs(reference, g.prompt + delim + g.answer)
         le = torch.stack(empty[-len(g.answer):]).detach()
-        torch.testing.assert_close(g.logc_empty, le, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(r.logc_empty, le, atol=1e-5, rtol=1e-5)
         per_trace = []
         for z, e in zip(g.traces, g.emitted):
             seq = g.prompt + z + ([] if e else delim) + g.answer
@@ -304,7 +300,8 @@ def test_update_loss_and_gradient_equal_the_formula(token_weight):
         R = torch.stack([(-le * d["ans"].detach().exp()).mean() for d in per_trace])
         A = (R - R.mean()) / (R.std(unbiased=False) + 1e-6)
         assert A.abs().max() > 0.5
-        torch.testing.assert_close(g.A, A, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(r.A, A, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(r.R, R, atol=1e-5, rtol=1e-4)
         pg = -sum(a * d["trace"] for a, d in zip(A, per_trace))
         fmt = -sum(d["fmt"] for d in per_trace)
         if token_weight == "fixed":
@@ -312,15 +309,14 @@ def test_update_loss_and_gradient_equal_the_formula(token_weight):
         else:  # ws_nlog: s_i = −log c^∅_i · c_i / T
             s = [(-le * d["ans"].detach().exp() / len(g.answer)) for d in per_trace]
         tok = -sum((si * d["ans"]).sum() for si, d in zip(s, per_trace))
-        for key, value in (("pg", pg), ("format", fmt), ("token", tok)):
+        for key, value in (("policy", pg), ("format", fmt), ("answer_nll", tok)):
             totals[key] = totals[key] + value
     for key in totals:
-        assert stats["terms"][key] == pytest.approx(totals[key].item() / norm, rel=1e-4, abs=1e-6)
-    loss = (totals["pg"] + 0.3 * totals["format"] + 1.0 * totals["token"]) / norm
+        assert sum(r.terms[key] for r in results) == pytest.approx(totals[key].item() / norm, rel=1e-4, abs=1e-6)
+    loss = (totals["policy"] + 0.3 * totals["format"] + 1.0 * totals["answer_nll"]) / norm
     loss.backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=2e-6, rtol=1e-4, msg=name)
-        assert torch.equal(p, q)  # lr = 0: the weights did not move
 
 
 # ---- rollout on a tiny model with a tiny tokenizer ----
@@ -358,87 +354,70 @@ def test_rollout_traces_emitted_flags_and_dropped_eos():
             assert (g.traces[k][-1:] == [2]) == g.emitted[k]
 
 
-def test_rollout_in_chunks_gives_the_same_traces():
-    """rollout_questions bounds the KV cache; the traces must not depend on it."""
-    model = eager_model()
-    whole = train.rollout(model, TOK, QUESTIONS, step_cfg(samples_per_question=4, max_think_tokens=8), 3)
-    chunked = train.rollout(model, TOK, QUESTIONS, step_cfg(samples_per_question=4, max_think_tokens=8,
-                                                             rollout_questions=1), 3)
-    assert [g.traces for g in whole] == [g.traces for g in chunked]
-    assert [g.emitted for g in whole] == [g.emitted for g in chunked]
-    assert len({tuple(z) for g in whole for z in g.traces}) > 1  # real samples, not one repeated trace
-
-
 # ---- one NRT step moves the answer likelihood the right way ----
 
-@pytest.mark.parametrize("updates_per_rollout", [1, 2])
-def test_one_nrt_step_raises_answer_logprob_given_the_same_traces(updates_per_rollout):
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_one_nrt_step_raises_answer_logprob_given_the_same_traces(minibatches):
     model = tiny_model(seed=2)
-    cfg = step_cfg(updates_per_rollout=updates_per_rollout)
-    delim = delimiter_ids(TOK, cfg["think_end"])
+    cfg = step_cfg(minibatches=minibatches, questions_per_step=2)
+    delim = delimiter_ids(TOK, cfg.think_end)
     assert delim == [2]
-    groups = train.rollout(model, TOK, QUESTIONS, cfg, 0)
-    train.score(model, groups, delim, cfg)
-    before_weights = [p.detach().clone() for p in model.parameters()]
-    before = mean_answer_logprob(model, groups, delim)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    stats = train.update(model, None, optimizer, groups, delim, cfg, NO_AMP)
+    groups = train.rollout(model, TOK, QUESTIONS, cfg, 0)
+    before = mean_answer_logprob(model, groups, delim)
+    log, examples = train.nrt_step(model, optimizer, TOK, delim, QUESTIONS, cfg, NO_AMP, seed=0)
+    assert [g.traces for g, _ in examples] == [g.traces for g in groups]  # the same seed, the same traces
     after = mean_answer_logprob(model, groups, delim)
     assert after > before + 0.1, (before, after)
-    assert all_finite(model) and math.isfinite(stats["grad_norm"])
-    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before_weights))
-    assert all(torch.isfinite(torch.as_tensor(v)) for v in stats["terms"].values())
-    assert optimizer.state[next(model.parameters())]["step"].item() == updates_per_rollout
+    assert all_finite(model) and math.isfinite(log["grad_norm"]) and math.isfinite(log["loss"])
+    assert optimizer.state[next(model.parameters())]["step"].item() == minibatches
+    assert ("clip_ratio/region_mean" in log) == (minibatches > 1)
 
 
-def test_off_policy_old_logprobs_match_the_first_update_forward():
-    """With a reused rollout, the first update's ratio π/π_old must be 1 at every trace token."""
+def test_minibatches_one_rollout_four_updates_unit_importance_weight_first():
+    """The released recipe: one rollout, four optimizer steps; the first sees ρ = π/π_old = 1 exactly."""
     model = tiny_model(seed=2)
-    cfg = step_cfg(updates_per_rollout=2)
+    questions = [dict(question=f"{a}+{a}", answer=str(2 * a)) for a in range(4)]
+    cfg = step_cfg(minibatches=4, questions_per_step=4)
     delim = [2]
-    groups = train.rollout(model, TOK, QUESTIONS, cfg, 1)
-    train.score(model, groups, delim, cfg)
-    for g in groups:
-        batch = build_batch([(g.prompt, z, e, g.answer) for z, e in zip(g.traces, g.emitted)], delim)
-        with torch.no_grad():
-            lp = token_logprobs(model, batch.tokens, batch.trace_mask | batch.format_mask | batch.answer_mask)
-        assert g.old_logprobs.shape == lp.shape
-        torch.testing.assert_close(g.old_logprobs[batch.trace_mask], lp[batch.trace_mask], atol=1e-5, rtol=1e-5)
-        logc, _ = answer_logc(lp, batch.answer_mask)
-        torch.testing.assert_close(g.logc, logc, atol=1e-5, rtol=1e-5)
+    g = train.rollout(model, TOK, questions[:1], cfg, 1)[0]
+    logc_old, old = train.score_before_update(model, g, delim)
+    batch, lp, logc, _ = score_answers(model, g.rows(), delim, trace_too=True)  # the first update's forward
+    ratio = (lp - old).exp()[batch.trace_mask]
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-6, rtol=0)
+    torch.testing.assert_close(logc.detach(), logc_old, atol=1e-6, rtol=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    log, _ = train.nrt_step(model, optimizer, TOK, delim, questions, cfg, NO_AMP, seed=1)
+    assert optimizer.state[next(model.parameters())]["step"].item() == 4
+    assert math.isfinite(log["grad_norm"]) and 0 <= log["clip_ratio/region_mean"] <= 1
 
 
 def test_off_policy_update_with_emitted_traces_shorter_than_the_delimiter():
     """A multi-token text delimiter can be sampled as fewer tokens than its canonical encoding (here
-    one token that decodes to it). If every trace of a group is that short, the score batch (which holds
-    the empty trace with the full delimiter) is longer than the update batch: old_logprobs must still
-    line up with the update's log-probs."""
+    one token that decodes to it): the old log-probs must still line up with the update's."""
     model = tiny_model(seed=2)
-    cfg = step_cfg(updates_per_rollout=2, samples_per_question=2)
+    cfg = step_cfg(minibatches=2, samples_per_question=2)
     delim = [4 + CharTokenizer.CHARS.index("#")] * 2  # the text delimiter "##" encodes as two tokens
-    one_token_delim = 100                             # a token whose text is "##"
-    g = train.Group(dict(question="q", answer="a"), [3, 50, 51], [60, 1], [[one_token_delim], [one_token_delim]],
-                    [True, True], [[-1.0], [-1.0]])
-    train.score(model, [g], delim, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    stats = train.update(model, None, optimizer, [g], delim, cfg, NO_AMP)
-    assert math.isfinite(stats["grad_norm"])
+    g = train.Group(dict(question="q", answer="a"), [3, 50, 51], [60, 1], [[100], [100]], [True, True], [[-1.0]] * 2)
+    logc_empty = score_empty_traces(model, [(g.prompt, g.answer)], delim)[0]
+    r = train.train_on_group(model, g, logc_empty, train.score_before_update(model, g, delim), delim, cfg, NO_AMP, 8)
+    assert all(math.isfinite(v) for v in r.terms.values())
 
 
-def test_sft_update_raises_answer_logprob():
+def test_sft_step_raises_answer_logprob():
     model = tiny_model(seed=4)
     cfg = step_cfg(method="sft")
     delim = [2]
-    rows = [(train.prompt_ids(TOK, q["question"], cfg["instruction"], cfg["system"]), [], False,
-             train.answer_ids(TOK, q["answer"])) for q in QUESTIONS]
+    rows = [(prompt_ids(TOK, q["question"], cfg.instruction, cfg.system), [], False,
+             answer_ids(TOK, q["answer"])) for q in QUESTIONS]
     groups = [types.SimpleNamespace(prompt=p, answer=a, traces=[[]], emitted=[False]) for p, _, _, a in rows]
     before = mean_answer_logprob(model, groups, delim)
     n_answer_tokens = sum(len(a) for _, _, _, a in rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    stats = train.sft_update(model, optimizer, QUESTIONS, TOK, delim, cfg, NO_AMP)
+    log, _ = train.sft_step(model, optimizer, TOK, delim, QUESTIONS, cfg, NO_AMP)
     after = mean_answer_logprob(model, groups, delim)
     # the loss is the answer NLL summed over tokens, averaged over questions
-    assert stats["terms"]["token"] == pytest.approx(-before * n_answer_tokens / len(QUESTIONS), rel=1e-4)
+    assert log["loss/answer_nll"] == pytest.approx(-before * n_answer_tokens / len(QUESTIONS), rel=1e-4)
     assert after > before + 0.1 and all_finite(model)
 
 
@@ -470,13 +449,12 @@ def test_update_with_nan_reward_skips_the_step():
     model = tiny_model(seed=2)
     cfg = step_cfg()
     delim = [2]
-    groups = train.rollout(model, TOK, QUESTIONS, cfg, 0)
-    train.score(model, groups, delim, cfg)
-    groups[0].logc_empty = torch.full_like(groups[0].logc_empty, float("nan"))  # → R, A, loss all NaN
+    g = train.rollout(model, TOK, QUESTIONS[:1], cfg, 0)[0]
+    nan_empty = torch.full((len(g.answer),), float("nan"))  # → R, A, loss all NaN
+    train.train_on_group(model, g, nan_empty, None, delim, cfg, NO_AMP, 10)
     weights = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    stats = train.update(model, None, optimizer, groups, delim, cfg, NO_AMP)
-    assert not math.isfinite(stats["grad_norm"])
+    assert not math.isfinite(train.apply_update(model, optimizer, cfg))
     assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
 
 
@@ -532,18 +510,19 @@ def read_log(folder):
         return [json.loads(line) for line in f if line.strip()]
 
 
-LOG_KEYS = {"step", "reward_mean", "reward_std", "reward_empty_mean", "frac_reward_zero_std", "trace_len_mean",
-            "trace_entropy", "frac_delimiter", "answer_logprob", "hard_answer_logprob", "loss", "grad_norm", "lr",
-            "t_sample", "t_score", "t_update"}
+LOG_KEYS = {"step", "learning_rate", "loss", "loss/policy", "loss/format", "loss/answer_nll", "grad_norm", "reward",
+            "reward_std", "frac_reward_zero_std", "completions/mean_length", "completions/max_length", "entropy",
+            "nrt/reward_empty", "nrt/answer_logprob", "nrt/hard_answer_logprob", "nrt/frac_delimiter",
+            "time/rollout", "time/score_empty", "time/update", "tokens_per_s"}
 
 
 @pytest.fixture(scope="module")
 def resumed_runs(tiny_setup):
-    """Per updates_per_rollout: run A = 2 steps straight; run B = 1 step, then --resume=True --steps=2."""
+    """Per minibatches: run A = 2 steps straight; run B = 1 step, then --resume=True --steps=2."""
     root, runs = tiny_setup[0], {}
     for upr in (1, 2):
         a, b = root / f"A{upr}", root / f"B{upr}"
-        extra = f"--updates_per_rollout={upr}"
+        extra = f"--minibatches={upr}"
         run_a = run_train(tiny_setup, a, "--steps=2", extra)
         assert run_a.returncode == 0, run_a.stderr[-3000:]
         run_b1 = run_train(tiny_setup, b, "--steps=1", extra)
@@ -555,9 +534,9 @@ def resumed_runs(tiny_setup):
     return runs
 
 
-@pytest.mark.parametrize("updates_per_rollout", [1, 2])
-def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_setup, resumed_runs, updates_per_rollout):
-    run = resumed_runs[updates_per_rollout]
+@pytest.mark.parametrize("minibatches", [1, 2])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_setup, resumed_runs, minibatches):
+    run = resumed_runs[minibatches]
     a, b = run["a"], run["b"]
     assert "resumed from" in run["stdout_b2"]
     ta, tb, start = read_tensors(a), read_tensors(b), read_tensors(tiny_setup[1])
@@ -571,7 +550,8 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tiny_setup, resumed_
     log_a, log_b = read_log(a), read_log(b)
     assert [r["step"] for r in log_a] == [r["step"] for r in log_b] == [1, 2]
     for ra, rb in zip(log_a, log_b):
-        for key in ("reward_mean", "reward_empty_mean", "trace_len_mean", "answer_logprob", "loss", "lr"):
+        for key in ("reward", "nrt/reward_empty", "completions/mean_length", "nrt/answer_logprob", "loss",
+                    "learning_rate"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), key
 
 
@@ -588,10 +568,10 @@ def test_checkpoint_contents_and_log_keys(tiny_setup, resumed_runs):
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
         assert LOG_KEYS <= set(row), LOG_KEYS - set(row)
-        for key in LOG_KEYS - {"hard_answer_logprob"}:
+        for key in LOG_KEYS - {"nrt/hard_answer_logprob"}:
             assert math.isfinite(row[key]), key
-        assert 0 <= row["frac_delimiter"] <= 1 and 0 <= row["frac_reward_zero_std"] <= 1
-        assert 0 < row["trace_len_mean"] <= 4 and row["trace_entropy"] > 0 and row["answer_logprob"] < 0
+        assert 0 <= row["nrt/frac_delimiter"] <= 1 and 0 <= row["frac_reward_zero_std"] <= 1
+        assert 0 < row["completions/mean_length"] <= 4 and row["entropy"] > 0 and row["nrt/answer_logprob"] < 0
 
 
 def test_fresh_run_into_a_checkpoint_folder_refuses(tiny_setup, resumed_runs):
@@ -605,25 +585,41 @@ def test_fresh_run_into_a_checkpoint_folder_refuses(tiny_setup, resumed_runs):
     assert missing.returncode != 0 and "does not exist" in missing.stderr
 
 
-def test_two_data_parallel_ranks_equal_one_process(tiny_setup):
-    """torchrun with 2 gloo ranks × 1 question each == 1 process × 2 questions (same seed and data)."""
-    root = tiny_setup[0]
-    single = run_train(tiny_setup, root / "single", "--steps=2")
-    assert single.returncode == 0, single.stderr[-3000:]
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517"]
-    ddp = run_train(tiny_setup, root / "ddp", "--steps=2", launcher=torchrun)
+DDP_SCRIPT = """
+import sys, torch
+sys.path[:0] = [{root!r}, {tests!r}]
+import test_train as T
+from parallel import all_reduce_grads, finish_distributed, init_distributed
+rank, world, _ = init_distributed("cpu")
+model = T.tiny_model(seed=3)
+groups = T.manual_groups()  # fixed traces: each rank takes its contiguous share, as train.py does
+share = groups[rank * len(groups) // world:(rank + 1) * len(groups) // world]
+T.train_groups(model, share, [2], T.make_cfg(samples_per_question=4, max_think_tokens=5), world)
+all_reduce_grads(model, world)
+if rank == 0:
+    torch.save([p.grad for p in model.parameters()], sys.argv[1])
+finish_distributed(world)
+"""
+
+
+def test_two_data_parallel_ranks_equal_one_process(tiny_setup, tmp_path):
+    """On fixed groups: the all-reduced gradient of 2 gloo ranks × 1 question == 1 process × 2 questions.
+    (Each rank samples its own traces, seeded by (seed, step, rank), so whole runs are not compared.)"""
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=ROOT, tests=os.path.join(ROOT, "tests")))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                          str(script), str(tmp_path / "g.pt")], env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    model = tiny_model(seed=3)
+    train_groups(model, manual_groups(), [2], make_cfg(samples_per_question=4, max_think_tokens=5))
+    for p, g in zip(model.parameters(), torch.load(tmp_path / "g.pt")):
+        torch.testing.assert_close(g, p.grad, atol=1e-6, rtol=1e-5)
+    # and train.py itself runs end to end under torchrun: rank 0 logs and saves
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518"]
+    ddp = run_train(tiny_setup, tmp_path / "ddp", "--steps=2", launcher=torchrun)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
-    a, b = read_tensors(root / "single"), read_tensors(root / "ddp")
-    assert a.keys() == b.keys()
-    start = read_tensors(tiny_setup[1])
-    assert any(not torch.equal(a[k], start[k]) for k in a)  # training moved the weights
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
-    # AdamW is blind to the gradient's scale, so compare the all-reduced gradient norm itself
-    logs_single, logs_ddp = read_log(root / "single"), read_log(root / "ddp")
-    assert len(logs_ddp) == 2  # only rank 0 logs
-    for x, y in zip(logs_single, logs_ddp):
-        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+    assert [r["step"] for r in read_log(tmp_path / "ddp")] == [1, 2] and (tmp_path / "ddp" / "train_state.pt").exists()
 
 
 def test_smoke_preset_on_the_real_default_model(default_model_dir, tmp_path):

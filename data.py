@@ -1,0 +1,155 @@
+"""Questions and answers: reading them, writing them as prompts, and matching a model's answer.
+
+What it is
+  JSONL rows {"question", "answer", "aliases"?, "options"?} (data/ holds the bundled sets); the one
+  prompt format that train.py and eval.py share (so a model is evaluated as it was trained); the
+  delimiter that ends a reasoning trace; and exact-match answer checking with normalisation.
+
+Choices
+  - The prompt is the chat template's user turn: the question, then a short instruction to think and
+    write the delimiter. The delimiter is plain text a small model writes readily ("\nAnswer:"), or
+    the name of a special token of the vocabulary.
+  - The answer is encoded as a continuation of the delimiter and ends with the end-of-turn token,
+    so the model also learns where an answer stops.
+  - Matching: lower case, no articles or punctuation, numbers in one canonical form, aliases accepted;
+    a yes/no reference is decided by the prediction's first word.
+Left out: fuzzy matching, LLM judges, per-task answer formats.
+"""
+import json
+import math
+import os
+import re
+import string
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+INSTRUCTION = "Think briefly, then write 'Answer:' followed by the final answer only."
+THINK_END = "\nAnswer:"  # the end-of-thinking delimiter
+SUITES = {"default": ["arithmetic", "object_counting"],
+          "all": ["arithmetic", "object_counting", "qa_wikidata", "strategyqa"]}
+
+
+# ---- prompts ----
+
+def prompt_ids(tok, question, instruction=INSTRUCTION, system=""):
+    """The chat-formatted prompt: optional system message, then the question and the instruction."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": f"{question}\n{instruction}".strip()})
+    return tok.encode_chat(messages)
+
+
+def delimiter_ids(tok, think_end):
+    """The end-of-thinking delimiter as ids: a special token when it names one, else its text encoding."""
+    try:
+        return [tok.special_id(think_end)]
+    except KeyError:
+        return tok.encode(think_end, continuation=True)
+
+
+def answer_ids(tok, answer):
+    """y* followed by the end-of-turn id: the model must also learn where the answer stops."""
+    return tok.encode(" " + answer.strip(), continuation=True) + [tok.eos_id]
+
+
+# ---- reading data ----
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    dup = next((k for k in keys if keys.count(k) > 1), None)
+    if dup is not None:
+        raise ValueError(f"key {dup!r} appears twice")
+    return dict(pairs)
+
+
+def load_qa(path):
+    """Rows {"question", "answer", "aliases"?} from a JSONL file; a bad line is an error naming it."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: not a file (expected JSONL with question/answer rows)")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+        except (json.JSONDecodeError, ValueError) as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
+                or not isinstance(row.get("answer"), str) or not row["answer"].strip():
+            raise ValueError(f"{path}:{n}: expected an object with string 'question' and non-empty 'answer'")
+        aliases = row.get("aliases", [])
+        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
+            raise ValueError(f"{path}:{n}: 'aliases' must be a list of strings")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no question/answer rows")
+    return rows
+
+
+def resolve_paths(spec, split="test"):
+    """Comma-separated JSONL files, bundled names (arithmetic, strategyqa…) or suites (default, all)."""
+    paths = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        for name in SUITES.get(item, [item]):
+            bundled = os.path.join(HERE, "data", f"{name}_{split}.jsonl")
+            paths.append(bundled if not os.path.exists(name) and os.path.isfile(bundled) else name)
+    return paths
+
+
+def load_rows(spec, split="train"):
+    """All rows of every data set in `spec`, in order."""
+    return [row for path in resolve_paths(spec, split) for row in load_qa(path)]
+
+
+def json_safe(x):
+    """NaN / inf → None (recursively), so that every line written is strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
+
+
+# ---- answer matching ----
+
+def normalize_answer(text: str) -> str:
+    """Lower case, no articles or punctuation, single spaces, numbers in one canonical form."""
+    text = text.lower().strip()
+    text = re.sub(r"(?<=\d),(?=\d{3})", "", text)  # 1,000 -> 1000
+    text = "".join(" " if ch in string.punctuation and ch not in "-." else ch for ch in text)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    words = []
+    for w in text.split():
+        w = re.sub(r"^\.+(?!\d)", "", w).rstrip(".")  # a sentence's full stop, not a leading decimal point
+        if re.fullmatch(r"-?(\d+(\.\d+)?|\.\d+)", w):
+            w = str(float(w)).removesuffix(".0") if "." in w else str(int(w))
+        if w:
+            words.append(w)
+    return " ".join(words)
+
+
+ANSWER_LEAD_IN = re.compile(r"^(the\s+)?(final\s+)?answer\b(\s+is\b)?\s*:?\s*", re.IGNORECASE)
+YES_NO = ("yes", "no", "true", "false")
+
+
+def extract_answer(text: str) -> str:
+    """The answer a model wrote after the delimiter: its first non-empty line, without an
+    "Answer:" / "The answer is" lead-in (models often restate the delimiter before the answer)."""
+    for line in text.strip().splitlines():
+        line = ANSWER_LEAD_IN.sub("", line.strip(), count=1).strip()
+        if line:
+            return line
+    return ""
+
+
+def is_correct(prediction: str, row: dict) -> bool:
+    """Exact match after normalisation against the answer or any alias. When every reference is a
+    yes/no (true/false), the prediction's first word decides: "No, because ..." answers no."""
+    pred = normalize_answer(prediction)
+    refs = [normalize_answer(a) for a in [row["answer"], *row.get("aliases", [])]]
+    if all(r in YES_NO for r in refs) and pred.split()[:1] and pred.split()[0] in YES_NO:
+        pred = pred.split()[0]
+    return pred in refs
