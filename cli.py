@@ -51,6 +51,46 @@ def parse_args(defaults: dict, argv=None) -> Config:
     return config
 
 
+def check_ranges(config: dict, **rules):
+    """rules: flag=(ok, allowed). The first flag whose value is not ok stops the script with one line
+    naming it and its allowed range; called at start-up, before anything is loaded."""
+    for key, (ok, allowed) in rules.items():
+        if not ok:
+            raise SystemExit(f"--{key}={config[key]!r}: must be {allowed}")
+
+
+def valid_device(name: str) -> bool:
+    import re
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
+def check_training_flags(c, aggregations):
+    """train.py's choices and ranges, one line each (temperature and K only matter to NRT, which samples)."""
+    import math
+    for key, allowed in (("aggregation", aggregations), ("token_weight", ("fixed", "derived")),
+                         ("method", ("nrt", "sft")), ("dtype", PRECISIONS)):
+        if c[key] not in allowed:
+            raise SystemExit(f"--{key}: expected one of {allowed}, got {c[key]!r}")
+    nrt, frac = c.method == "nrt", "in [0, 1]"
+    check_ranges(
+        c, steps=(c.steps >= 1, "≥ 1"), lr=(0 < c.lr < math.inf, "> 0"), grad_clip=(c.grad_clip > 0, "> 0"),
+        temperature=(c.temperature > 0 or not nrt, "> 0"), weight_decay=(c.weight_decay >= 0, "≥ 0"),
+        samples_per_question=(c.samples_per_question >= (2 if nrt else 1), "≥ 2 for NRT (≥ 1 for SFT)"),
+        questions_per_step=(c.questions_per_step >= 1, "≥ 1"), max_think_tokens=(c.max_think_tokens >= 1, "≥ 1"),
+        rollout_questions=(c.rollout_questions >= 0, "≥ 0"), minibatches=(c.minibatches >= 1, "≥ 1"),
+        lora_rank=(c.lora_rank >= 0, "≥ 0"), warmup_frac=(0 <= c.warmup_frac <= 1, frac),
+        min_lr_frac=(0 <= c.min_lr_frac <= 1, frac), clip_low=(0 <= c.clip_low <= 1, f"{frac} (≤ 1 ≤ clip_high)"),
+        clip_high=(c.clip_high >= 1, "≥ 1 (clip_low ≤ 1 ≤ clip_high)"),
+        eval_questions=(c.eval_questions >= 0, "≥ 0"),
+        save_every=(c.save_every >= 0, "≥ 0"), device=(valid_device(c.device), "auto, cpu, cuda or cuda:N"),
+        think_end=(c.think_end != "", "non-empty"), data=(c.data.strip(" ,") != "", "one or more JSONL files"))
+    if c.dtype == "bf16-true" and c.lora_rank == 0:
+        raise SystemExit("--dtype=bf16-true: trained weights need fp32 master weights (bf16 rounds most "
+                         "updates away); use bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen bf16 base)")
+    if c.questions_per_step % c.minibatches:
+        raise SystemExit(f"--minibatches={c.minibatches} must divide --questions_per_step={c.questions_per_step}")
+
+
 def print_config(config: dict):
     width = max(map(len, config))
     print("config:")

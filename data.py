@@ -37,6 +37,18 @@ def prompt_ids(tok, question, instruction=INSTRUCTION, system=""):
     return tok.encode_chat(messages)
 
 
+def check_delimiter(tok, think_end, model_dir=""):
+    """A delimiter shaped like a special token (<|...|> or <...>) must be one of the vocabulary: otherwise
+    it would silently be trained as the plain text of its characters."""
+    try:
+        tok.special_id(think_end)
+    except KeyError:
+        if re.fullmatch(r"<[^<>\s]+>", think_end):
+            raise SystemExit(f"--think_end={think_end!r} looks like a special token, but the vocabulary of "
+                             f"{model_dir or 'the tokenizer'} has no such token") from None
+    return think_end
+
+
 def delimiter_ids(tok, think_end):
     """The end-of-thinking delimiter as ids: a special token when it names one, else its text encoding."""
     try:
@@ -60,8 +72,9 @@ def _no_duplicate_keys(pairs):
     return dict(pairs)
 
 
-def load_qa(path):
-    """Rows {"question", "answer", "aliases"?} from a JSONL file; a bad line is an error naming it."""
+def load_qa(path, with_lines=False):
+    """Rows {"question", "answer", "aliases"?} from a JSONL file; a bad line is an error naming it.
+    with_lines: (row, "file:line") pairs."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not a file (expected JSONL with question/answer rows)")
     rows = []
@@ -83,7 +96,7 @@ def load_qa(path):
         aliases = row.get("aliases", [])
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
             raise ValueError(f"{path}:{n}: 'aliases' must be a list of strings")
-        rows.append(row)
+        rows.append((row, f"{path}:{n}") if with_lines else row)
     if not rows:
         raise ValueError(f"{path}: no question/answer rows")
     return rows
@@ -99,9 +112,35 @@ def resolve_paths(spec, split="test"):
     return paths
 
 
-def load_rows(spec, split="train"):
-    """All rows of every data set in `spec`, in order."""
-    return [row for path in resolve_paths(spec, split) for row in load_qa(path)]
+def load_rows(spec, split="train", with_lines=False):
+    """All rows of every data set in `spec`, in order (with_lines: (row, "file:line") pairs)."""
+    return [row for path in resolve_paths(spec, split) for row in load_qa(path, with_lines)]
+
+
+def training_rows(tok, delim, cfg, max_len):
+    """The training rows, each checked to fit the model: prompt + max_think_tokens (NRT; SFT writes no
+    trace) + delimiter + answer ≤ max_len (max_position_embeddings). A row too long is an error naming
+    it (file:line), or, with skip_too_long=True, skipped and counted. Bad data is a one-line error."""
+    try:
+        pairs = load_rows(cfg.data, with_lines=True)
+    except ValueError as e:
+        raise SystemExit(f"--data: {e}") from None
+    think = cfg.max_think_tokens if cfg.method == "nrt" else 0
+    rows, too_long = [], []
+    for row, where in pairs:
+        n = len(prompt_ids(tok, row["question"], cfg.instruction, cfg.system)) + think + len(delim) \
+            + len(answer_ids(tok, row["answer"]))
+        (too_long if n > max_len else rows).append(f"{where} ({n} tokens)" if n > max_len else row)
+    if too_long and not cfg.skip_too_long:
+        raise SystemExit(f"--data: {len(too_long)} question(s) do not fit max_position_embeddings={max_len} with "
+                         f"max_think_tokens={think}: {', '.join(too_long[:5])}{' …' if len(too_long) > 5 else ''}; "
+                         f"shorten them or pass --skip_too_long=True")
+    if too_long:
+        print(f"skipped {len(too_long)} question(s) longer than max_position_embeddings={max_len}: "
+              f"{', '.join(too_long[:5])}", flush=True)
+    if not rows:
+        raise SystemExit(f"--data={cfg.data!r}: no training questions left")
+    return rows
 
 
 def json_safe(x):

@@ -318,12 +318,14 @@ def heldout_eval(model, tok, cfg, amp, label, before=None):
 
 def load(model_dir, dtype=None, device="cpu"):
     """(model, tokenizer); with dtype=None only checks that both are there. A problem stops here."""
-    from checkpoint import load_config, safetensors_files
+    from checkpoint import check_finite, load_config, safetensors_files
     try:
         tok = Tokenizer.from_pretrained(model_dir)
         if dtype is None:
             return load_config(model_dir), safetensors_files(model_dir)
-        return Transformer.from_pretrained(model_dir, dtype, device).eval(), tok
+        model = Transformer.from_pretrained(model_dir, dtype, device).eval()
+        check_finite(model, model_dir)  # NaN weights would give null metrics and exit 0
+        return model, tok
     except (OSError, ValueError, KeyError) as e:
         hint = " (python prepare.py makes the default)" if model_dir == DEFAULTS["model_dir"] else ""
         raise SystemExit(f"cannot load a model from {model_dir!r}: {e}{hint}") from None

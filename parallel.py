@@ -8,6 +8,7 @@ we need. A plain `python train.py` is rank 0 of 1 and never touches torch.distri
 Left out: sharded optimizers (FSDP/ZeRO), gradient bucketing, tensor or pipeline parallelism.
 """
 import os
+import signal
 from datetime import timedelta
 
 import torch
@@ -46,6 +47,21 @@ def all_reduce_grads(model, world):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
+
+
+def stop_on_signals():
+    """Ctrl-C or SIGTERM (kill, a scheduler's preemption) sets the returned dict's "signal": the loop
+    finishes its step, saves and exits 128 + signum; a second signal aborts at once, without saving."""
+    stop = {}
+
+    def on_signal(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop["signal"] = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to abort)", flush=True)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop
 
 
 def barrier(world):

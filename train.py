@@ -25,21 +25,18 @@ released recipe); torchrun = data parallel (parallel.py); --lora_rank (lora.py);
 Left out: value functions, KL penalties, entropy bonuses, sharded optimizers.
 """
 import importlib.util
-import json
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-from checkpoint import load_for_training, save_checkpoint
-from cli import PRECISIONS, parse_args, print_config, resolve_device, resolve_precision
-from data import INSTRUCTION, THINK_END, answer_ids, delimiter_ids, json_safe, load_rows, prompt_ids
+from checkpoint import append_log, load_config, load_for_training, prepare_out_dir, save_checkpoint
+from cli import check_training_flags, parse_args, print_config, resolve_device, resolve_precision
+from data import INSTRUCTION, THINK_END, answer_ids, check_delimiter, delimiter_ids, prompt_ids, training_rows
 from eval import heldout_eval
-from parallel import all_reduce_grads, any_rank, barrier, finish_distributed, init_distributed
+from parallel import all_reduce_grads, any_rank, barrier, finish_distributed, init_distributed, stop_on_signals
 from reward import (AGGREGATIONS, aggregate, clip_to_baseline, group_normalise, hard_tokens, sample_traces,
                     score_answers, score_empty_traces, token_weights)
 
@@ -49,6 +46,7 @@ DEFAULTS = dict(
     data="data/arithmetic_train.jsonl,data/object_counting_train.jsonl",  # comma-separated JSONL files
     test_data="data/arithmetic_test.jsonl,data/object_counting_test.jsonl",
     eval_questions=64,           # held-out questions evaluated before and after (0 = skip)
+    skip_too_long=False,         # skip (and count) questions that cannot fit the context; False: an error
     out_dir="out/nrt",
     # the method (NRT.md)
     method="nrt",                # nrt | sft (plain NLL of the answer with no trace: the SFT baseline)
@@ -83,6 +81,7 @@ DEFAULTS = dict(
     save_every=20,
     time_budget_min=0.0,         # > 0 stops training after this many minutes (equal-budget comparisons)
     resume=False,
+    resume_override=False,       # let --resume change a setting that alters the run (data, lr, seed, ...)
     seed=1337,
     device="auto",
     dtype="auto",                # auto | float32 | bf16-mixed | bf16-true (LoRA only) — cli.resolve_precision
@@ -328,29 +327,14 @@ def print_example(tok, g, r):
           f"empty {r.R_empty.item():.3g}, emitted {g.emitted[k]}): {tok.decode(g.traces[k])!r}", flush=True)
 
 
-def append_log(cfg, entry):
-    """One strict-JSON line in out_dir/log.jsonl (a NaN, e.g. no hard tokens this step, becomes null)."""
-    with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(json_safe(entry)) + "\n")
-
-
 # ---- configuration, set-up, the loop ----
 
 def resolve_config(argv=None):
     cfg = parse_args(DEFAULTS, argv)
-    if cfg.preset:
-        if cfg.preset not in PRESETS:
-            raise SystemExit(f"--preset: unknown preset {cfg.preset!r}; known: {', '.join(PRESETS)}")
-        cfg = parse_args({**DEFAULTS, **PRESETS[cfg.preset]}, argv)  # explicit overrides still win
-    for key, allowed in (("aggregation", AGGREGATIONS), ("token_weight", ("fixed", "derived")),
-                         ("method", ("nrt", "sft")), ("dtype", PRECISIONS)):
-        if cfg[key] not in allowed:
-            raise SystemExit(f"--{key}: expected one of {allowed}, got {cfg[key]!r}")
-    if cfg.dtype == "bf16-true" and cfg.lora_rank == 0:
-        raise SystemExit("--dtype=bf16-true: trained weights need fp32 master weights (bf16 rounds most "
-                         "updates away); use bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen bf16 base)")
-    if cfg.questions_per_step % cfg.minibatches:
-        raise SystemExit(f"--minibatches={cfg.minibatches} must divide --questions_per_step={cfg.questions_per_step}")
+    if cfg.preset and cfg.preset not in PRESETS:
+        raise SystemExit(f"--preset: unknown preset {cfg.preset!r}; known: {', '.join(PRESETS)}")
+    cfg = parse_args({**DEFAULTS, **PRESETS.get(cfg.preset, {})}, argv)  # the preset, then explicit overrides
+    check_training_flags(cfg, AGGREGATIONS)  # every choice and range, one line each, before anything is loaded
     return cfg
 
 
@@ -365,15 +349,20 @@ def main(argv=None):
     if cfg.questions_per_step % (world * cfg.minibatches):
         raise SystemExit(f"--questions_per_step={cfg.questions_per_step} must be divisible by "
                          f"{world} ranks × {cfg.minibatches} minibatches")
+    if rank == 0:  # out_dir's rules, lock, recovery and resume checks: before anything is loaded
+        prepare_out_dir(cfg)
+    barrier(world)
+    from tokenizer import Tokenizer
+    tok = Tokenizer.from_pretrained(cfg.model_dir)
+    delim = delimiter_ids(tok, check_delimiter(tok, cfg.think_end, cfg.model_dir))
+    rows = training_rows(tok, delim, cfg, load_config(cfg.model_dir).max_seq_len)
     weight_dtype, amp = resolve_precision(cfg.dtype, device)
-    model, tok, state = load_for_training(cfg, device, weight_dtype)
+    model, state = load_for_training(cfg, device, weight_dtype)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
                                   weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     start = state["step"] if state else 0
     if state:
         optimizer.load_state_dict(state["optimizer"])
-    delim = delimiter_ids(tok, cfg.think_end)
-    rows = load_rows(cfg.data)
     if rank == 0:
         print(f"{f'resumed from {cfg.out_dir} at step {start}; ' if start else ''}{len(rows)} training questions; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device} × {world}, "
@@ -381,22 +370,10 @@ def main(argv=None):
     if cfg.compile:
         model.hidden = torch.compile(model.hidden, dynamic=True)  # the module itself stays uncompiled: clean names
     before = heldout_eval(model, tok, cfg, amp, "before") if rank == 0 and start == 0 else None
-    if rank == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        if before:
-            append_log(cfg, dict(eval="before", step=start, **before))
-
-    # Ctrl-C or SIGTERM (kill, a scheduler's preemption): finish the step, save, exit non-zero.
-    stop = {}
-    def on_signal(signum, frame):  # noqa: E306 - a second signal aborts without saving
-        if stop:
-            raise KeyboardInterrupt
-        stop["signal"] = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step, then saving (again to abort)", flush=True)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
-    t_start, step = time.time(), start
+    if before:
+        append_log(cfg, dict(eval="before", step=start, **before))
+    stop = stop_on_signals()  # Ctrl-C or SIGTERM (a scheduler's preemption): finish the step, save, exit non-zero
+    t_start, step, skipped = time.time(), start, 0
     B = cfg.questions_per_step
     while step < cfg.steps:
         out_of_time = cfg.time_budget_min > 0 and time.time() - t_start > 60 * cfg.time_budget_min
@@ -416,6 +393,11 @@ def main(argv=None):
         if rank == 0:  # rank 0 logs its own questions' statistics and saves for everyone
             append_log(cfg, log)
             print_step(log, cfg, time.time() - t_start, step - start, cfg.steps - step)
+        skipped = 0 if math.isfinite(log["grad_norm"]) else skipped + 1  # the same on every rank (all-reduced)
+        if skipped == 3:  # three updates in a row skipped: stop, and do not save weights that went bad
+            raise SystemExit(f"stopped at step {step}: {skipped} updates in a row skipped for non-finite gradients; "
+                             f"these weights are not saved, {cfg.out_dir} keeps its last checkpoint")
+        if rank == 0:
             if examples and cfg.example_every and step % cfg.example_every == 0:
                 print_example(tok, *examples[0])
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:

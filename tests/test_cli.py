@@ -25,3 +25,17 @@ def test_overrides_take_the_type_of_the_default():
 def test_bad_arguments_are_errors_naming_the_key(arg, message):
     with pytest.raises(SystemExit, match=message):
         parse_args(DEFAULTS, [arg])
+
+
+def test_a_flag_given_twice_is_an_error():
+    with pytest.raises(SystemExit, match="--steps is given twice; give it once"):
+        parse_args(DEFAULTS, ["--steps=2", "--steps=2"])
+
+
+def test_check_ranges_names_the_flag_and_its_range_and_devices():
+    from cli import check_ranges, valid_device
+    check_ranges(dict(steps=3), steps=(True, "≥ 1"))
+    with pytest.raises(SystemExit, match=r"^--steps=0: must be ≥ 1$"):
+        check_ranges(dict(steps=0), steps=(False, "≥ 1"))
+    assert all(map(valid_device, ["auto", "cpu", "cuda", "cuda:0", "cuda:12"]))
+    assert not any(map(valid_device, ["tpu", "cuda:", "cuda:x", "", "CPU", "mps"]))

@@ -1,0 +1,148 @@
+"""Precision and compilation of the sampler and the model: bf16 autocast (its CPU twin of the GPU path)
+and torch.compile, on tiny random models.
+
+  - autocast's fp32 → bf16 weight casts happen once per generate call, not once per decode step;
+  - log-probs (token_logprobs, sampling logits) come from an fp32 vocabulary projection under autocast;
+  - greedy decoding with the cache equals naive recompute under bf16-mixed;
+  - compile_model: zero graph breaks, a bounded set of graphs over calls of many shapes, clean names.
+"""
+import pytest
+import torch
+import torch._dynamo
+from conftest import tiny_model
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import sample
+from model import token_logprobs
+from sample import compile_model, generate, generate_naive
+
+
+def bf16_mixed():
+    return torch.autocast("cpu", dtype=torch.bfloat16)  # what cli.resolve_precision("bf16-mixed", "cpu") gives
+
+
+class CountWeightCasts(TorchDispatchMode):
+    """Counts fp32 → bf16 copies whose source is one of `params` (autocast's weight casts)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.ptrs, self.count = {p.data_ptr() for p in params}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func is torch.ops.aten._to_copy.default and args[0].dtype == torch.float32
+                and kwargs.get("dtype") == torch.bfloat16 and args[0].data_ptr() in self.ptrs):
+            self.count += 1
+        return func(*args, **kwargs)
+
+
+def weight_casts(model, max_new_tokens, outer=torch.no_grad):
+    with outer(), bf16_mixed(), CountWeightCasts(model.parameters()) as counter:
+        generate(model, [[1, 2, 3], [4, 5]], num_samples=2, max_new_tokens=max_new_tokens, temperature=0)
+    return counter.count
+
+
+def test_bf16_mixed_generate_casts_each_weight_once():
+    model = tiny_model()
+    matrices = sum(p.dim() == 2 for p in model.parameters())
+    short, long = weight_casts(model, 2), weight_casts(model, 12)
+    assert 0 < short <= matrices  # the first step casts each weight once ...
+    assert long == short  # ... and no later decode step casts again
+    # the counter can fail: inference_mode bypasses autocast's cast cache, so every step re-casts
+    assert weight_casts(model, 12, outer=torch.inference_mode) > long
+
+
+def test_kv_cache_is_in_the_autocast_dtype(monkeypatch):
+    dtypes = []
+    class Recording(sample.KVCache):  # noqa: E306
+        def __init__(self, cfg, rows, max_len, dtype, device):
+            super().__init__(cfg, rows, max_len, dtype, device)
+            dtypes.append(self.k.dtype)
+    monkeypatch.setattr(sample, "KVCache", Recording)
+    with bf16_mixed():
+        generate(tiny_model(), [[1, 2, 3]], max_new_tokens=3, temperature=0)
+    assert dtypes == [torch.bfloat16]
+
+
+def test_token_logprobs_under_bf16_mixed_are_fp32_from_the_hidden_states():
+    model = tiny_model(vocab_size=3001)  # a wide vocabulary: bf16 logits would be off by ~1e-2
+    x = torch.randint(0, 3001, (2, 12))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    with torch.no_grad(), bf16_mixed():
+        lp = token_logprobs(model, x, mask, chunk=5)
+        h = model.hidden(x)
+        logits = model(x, last_only=True)[:, -1]
+    w = model.lm_head.weight.float()  # the reference, outside autocast: fp32 throughout
+    ref = (h[:, :-1].float() @ w.T).log_softmax(-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(lp[:, 1:], ref, atol=1e-5, rtol=0)
+    assert logits.dtype == torch.float32  # what sample.py draws from
+    torch.testing.assert_close(logits, h[:, -1].float() @ w.T, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type, window", [("llama", None), ("mistral", 5)])
+def test_cached_greedy_equals_naive_under_bf16_mixed(model_type, window):
+    model = tiny_model(model_type, sliding_window=window)
+    prompts = [list(range(1, 13)), [7, 8, 9]]
+    with bf16_mixed():
+        cached = generate(model, prompts, max_new_tokens=30, temperature=0)
+        naive = [generate_naive(model, p, 30) for p in prompts]
+    assert cached.tokens == naive
+    assert len(set(naive[0])) > 5
+
+
+def generate_calls(model):
+    """Ten generate calls: different prompt lengths, prompt counts, K, lengths, greedy and sampled, with
+    stop ids so that rows finish and the batch shrinks."""
+    outs = []
+    for i in range(10):
+        n, K = 1 + i % 3, (1, 2, 4, 3)[i % 4]
+        prompts = [[(7 * i + j * 5 + t) % 100 + 1 for t in range(2 + (3 * i + j) % 9)] for j in range(n)]
+        outs.append(generate(model, prompts, num_samples=K, max_new_tokens=4 + i, temperature=(0.0, 1.0)[i % 2],
+                             stop_ids={i % 7 + 3, 50}, generator=torch.Generator().manual_seed(i)))
+    return outs
+
+
+def train_steps(model, lengths):
+    losses = []
+    for T in lengths:
+        x = torch.randint(0, 101, (2, T), generator=torch.Generator().manual_seed(T))
+        loss = -token_logprobs(model, x, torch.ones_like(x, dtype=torch.bool)).sum()
+        loss.backward()
+        losses.append(loss.detach())
+    return losses
+
+
+def test_compiled_model_has_no_graph_breaks_and_bounded_graphs():
+    """Dynamo's decisions (graph breaks, guards, recompiles) do not depend on the backend: aot_eager
+    (AOT autograd, no codegen) keeps this test fast; the inductor test below checks the code it makes."""
+    eager = tiny_model("mistral", sliding_window=5)
+    ref, ref_losses = generate_calls(eager), train_steps(eager, (9, 14, 21))
+    torch._dynamo.reset()
+    counters.clear()
+    model = compile_model(tiny_model("mistral", sliding_window=5), backend="aot_eager")
+    outs = generate_calls(model)
+    losses = train_steps(model, (9, 14, 21))
+    graphs = counters["stats"]["unique_graphs"]
+    # prefill (batch 1 and dynamic), training forward, decode (batch 1 and dynamic, greedy and sampled)
+    assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
+    assert graphs <= 8, graphs
+    generate_calls(model)
+    train_steps(model, (5, 30))
+    assert counters["stats"]["unique_graphs"] == graphs  # new lengths and row counts: nothing recompiled
+    assert [o.tokens for o in outs] == [o.tokens for o in ref]
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
+    assert not [n for n in model.state_dict() if "_orig_mod" in n]
+    assert {n for n, _ in model.named_parameters()} == {n for n, _ in eager.named_parameters()}
+
+
+def test_inductor_compiled_greedy_and_logprobs_match_eager():
+    torch._dynamo.reset()
+    eager = tiny_model()
+    model = compile_model(tiny_model())
+    prompts = [[1, 2, 3, 4, 5], [9, 8]]
+    kwargs = dict(num_samples=2, max_new_tokens=12, temperature=0)
+    assert generate(model, prompts, **kwargs).tokens == generate(eager, prompts, **kwargs).tokens
+    x = torch.randint(0, 101, (2, 11))
+    mask = torch.ones_like(x, dtype=torch.bool)
+    torch.testing.assert_close(token_logprobs(model, x, mask), token_logprobs(eager, x, mask), atol=1e-5, rtol=1e-5)
