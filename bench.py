@@ -144,8 +144,9 @@ def main():
             results[f"ours_vs_hf_b{rows}"] = fastest[rows] / results[f"hf_b{rows}_tok_s"]
             if rows == 1:
                 results["greedy_equals_hf"] = hf_tokens == tokens[(1, 256)]
+            same = hf_tokens == tokens[(rows, 256)]
             print(f"HF generate batch {rows} 256 new tokens: {results[f'hf_b{rows}_tok_s']:7.1f} tok/s; ours "
-                  f"(fastest) / HF = {results[f'ours_vs_hf_b{rows}']:.2f}; same tokens: {hf_tokens == tokens[(rows, 256)]}")
+                  f"(fastest) / HF = {results[f'ours_vs_hf_b{rows}']:.2f}; same tokens: {same}")
 
     results["peak_mem_mb"] = peak_mem_mb(device)
     print(f"peak memory: {results['peak_mem_mb']:.0f} MB")

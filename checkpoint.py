@@ -1,19 +1,12 @@
-"""Checkpoints on disk: Hugging Face model directories in, Hugging Face model directories out.
+"""Checkpoints on disk: Hugging Face model directories in and out, and train.py's out_dir.
 
-What it is
-  `load_model` / `save_model` read and write config.json + safetensors (one file, or shards with an
-  index) through model.py's one name table (`hf_names`); `prepare_out_dir`, `save_checkpoint` and
-  `load_for_training` own train.py's out_dir: its rules, its lock, and checkpoints committed as one unit.
-
-Choices
-  - Loading copies one tensor at a time into the already-allocated parameters (read on the CPU), so
-    the checkpoint never exists twice in GPU memory.
-  - Every file is written to a temp name and renamed: a crash never leaves a half-written file.
-  - out_dir is itself a model directory that sample.py, eval.py and `transformers` load as it is.
-  - A training checkpoint is one unit: every file of step N is written into out_dir/.ckpt-tmp, then
-    its manifest (the commit point), then the files are renamed into place; a save cut short anywhere
-    is finished (manifest written) or discarded (not) by the next start, so kill -9 at any instant
-    leaves the last complete checkpoint. nrt_run.json (the manifest) also marks out_dir as this trainer's.
+`load_model` / `save_model` read and write config.json + safetensors (one file, or shards with an index)
+through model.py's name table; `prepare_out_dir`, `save_checkpoint` and `load_for_training` own train.py's
+out_dir: its rules, its lock, its checkpoints. Choices: a load copies one tensor at a time into the allocated
+parameters (never two copies in memory); every file is written under a temp name, then renamed; out_dir is
+itself a model directory. A checkpoint is one unit: its files go to out_dir/.ckpt-tmp, then its manifest
+(the commit point), then they are renamed into place; the next start finishes or discards a save cut short,
+so kill -9 at any instant leaves the last complete checkpoint.
 Left out: formats other than safetensors (.bin pickles, GGUF: prepare.py converts the default).
 """
 import atexit
@@ -37,28 +30,28 @@ def load_config(path) -> ModelConfig:
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"{file} not found: expected a Hugging Face model directory")
-    with open(file) as f:
-        try:
-            d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
-    return ModelConfig.from_hf(d, source=file)
+    try:
+        with open(file) as f:
+            return ModelConfig.from_hf(json.load(f), source=file)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 def safetensors_files(path) -> dict[str, str]:
     """HF tensor name -> file holding it, from model.safetensors.index.json or model.safetensors."""
     from safetensors import safe_open
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
+    file = index if os.path.isfile(index) else single
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
     try:
-        if os.path.isfile(index):
+        if file == index:
             with open(index) as f:
-                return {name: os.path.join(path, file) for name, file in json.load(f)["weight_map"].items()}
-        if os.path.isfile(single):
-            with safe_open(single, framework="pt") as f:
-                return {name: single for name in f.keys()}
+                return {name: os.path.join(path, shard) for name, shard in json.load(f)["weight_map"].items()}
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
     except Exception as e:  # a truncated or corrupt file: say which one
-        raise ValueError(f"{index if os.path.isfile(index) else single}: cannot read it ({e})") from None
-    raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        raise ValueError(f"{file}: cannot read it ({e})") from None
 
 
 @torch.no_grad()
@@ -81,10 +74,9 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
         try:
             with safe_open(file, framework="pt") as f:
                 for ours, hf in names:
-                    t = f.get_tensor(hf)
-                    if tuple(t.shape) != tuple(params[ours].shape):
-                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected "
-                                         f"{tuple(params[ours].shape)} from config.json")
+                    t, want = f.get_tensor(hf), tuple(params[ours].shape)
+                    if tuple(t.shape) != want:
+                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} (config.json)")
                     params[ours].copy_(t)
         except Exception as e:  # a truncated file, a wrong shape: name the file
             raise ValueError(f"{file}: {e}") from None
@@ -93,56 +85,45 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 
 def save_model(model, path, max_shard_bytes=5 * 2**30, weight=None):
     """config.json + safetensors (sharded with an index above max_shard_bytes), every file atomically.
-
     `weight(our_name, tensor)` may replace a tensor on its way out (lora.py writes merged weights so)."""
-    os.makedirs(path, exist_ok=True)
-    params = dict(model.named_parameters())
-    tensors = {}
-    for ours, hf in hf_names(model.cfg).items():
-        w = params[ours].detach()
-        tensors[hf] = (weight(ours, w) if weight else w).contiguous().cpu()
-    dtype = next(iter(tensors.values())).dtype
-    write_safetensors(path, tensors, max_shard_bytes)
-    hf_cfg = dict(model.cfg.hf, torch_dtype=str(dtype).removeprefix("torch."))
-    atomic_write(os.path.join(path, "config.json"), json.dumps(hf_cfg, indent=2).encode())
-
-
-def write_safetensors(path, tensors: dict[str, torch.Tensor], max_shard_bytes: int):
     from safetensors.torch import save_file
-    shards, size = [{}], 0
-    for name, t in tensors.items():  # fill shards in order, a new one when the next tensor would overflow
+    os.makedirs(path, exist_ok=True)
+    params, shards, size = dict(model.named_parameters()), [{}], 0
+    for ours, hf in hf_names(model.cfg).items():  # fill shards in order, a new one when the next would overflow
+        t = (weight(ours, params[ours].detach()) if weight else params[ours].detach()).contiguous().cpu()
         nbytes = t.numel() * t.element_size()
         if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
+            shards, size = shards + [{}], 0
+        shards[-1][hf] = t
         size += nbytes
-    n = len(shards)
+    n, index = len(shards), os.path.join(path, "model.safetensors.index.json")
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file, shard in zip(files, shards):
-        tmp = os.path.join(path, file + ".tmp")
-        save_file(shard, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; a model directory is for sharing
-        os.replace(tmp, os.path.join(path, file))
-        _file_done()
-    index = os.path.join(path, "model.safetensors.index.json")
-    if n == 1:
-        if os.path.exists(index):  # a stale index would shadow the new single file
-            os.remove(index)
-    else:
-        weight_map = {name: file for file, shard in zip(files, shards) for name in shard}
-        total = sum(t.numel() * t.element_size() for t in tensors.values())
-        atomic_write(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode())
+        save_file(shard, os.path.join(path, file + ".tmp"), metadata={"format": "pt"})
+        _rename(os.path.join(path, file + ".tmp"), os.path.join(path, file))
+    if n > 1:
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        atomic_write(index, {"metadata": {"total_size": total},
+                             "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}})
+    elif os.path.exists(index):  # a stale index would shadow the new single file
+        os.remove(index)
+    dtype = str(next(iter(shards[0].values())).dtype).removeprefix("torch.")
+    atomic_write(os.path.join(path, "config.json"), dict(model.cfg.hf, torch_dtype=dtype))
 
 
-def atomic_write(file, data: bytes):
-    """Write to a temp file beside `file`, then rename: a crash never leaves a half-written file."""
-    tmp = file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
+def atomic_write(file, data):
+    """`data` (bytes, or an object written as JSON) into a temp file beside `file`, then renamed over it."""
+    with open(file + ".tmp", "wb") as f:
+        f.write(data if isinstance(data, bytes) else json.dumps(data, indent=2).encode())
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, file)
+    _rename(file + ".tmp", file)
+
+
+def _rename(src, dst):
+    """Put a finished file in place, readable by all: a model directory is for sharing (safetensors writes 0600)."""
+    os.chmod(src, 0o644)
+    os.replace(src, dst)
     _file_done()
 
 
@@ -150,12 +131,20 @@ _files_done = 0
 
 
 def _file_done():
-    """Counts files written or renamed; NRT_TEST_DIE_AFTER=n kills the process (like kill -9, no clean-up)
-    right after the n-th one: the tests' way to cut a save short at every point."""
+    """NRT_TEST_DIE_AFTER=n dies like kill -9 right after the n-th file: how the tests cut a save short anywhere."""
     global _files_done
     _files_done += 1
     if _files_done == int(os.environ.get("NRT_TEST_DIE_AFTER", "0")):
         os._exit(9)
+
+
+def _fsync(path):
+    """Flush a file, or a directory's renames, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ---- train.py's out_dir: the rules, the lock, checkpoints committed as one unit ----
@@ -189,27 +178,11 @@ def read_manifest(folder):
 
 
 def prepare_out_dir(cfg):
-    """Before anything is loaded: refuse an out_dir that is neither new, empty nor this trainer's run;
-    take its lock; check it is writable with room for a checkpoint; finish or discard a save cut short;
-    on --resume verify the checkpoint, compare the settings and cut log.jsonl back to it.
-    A fresh run starts a new log. Returns the step to start from (0: a fresh run)."""
-    out = cfg.out_dir
-    if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(cfg.model_dir):
-        raise SystemExit(f"--out_dir={out} is the --model_dir: a run never writes over its own starting model")
-    ours = os.path.isfile(os.path.join(out, MARKER))
-    if os.path.exists(out) and not ours:
-        entries = sorted(os.listdir(out)) if os.path.isdir(out) else None
-        if entries is None:
-            raise SystemExit(f"--out_dir={out} exists and is not a directory")
-        model_files = [e for e in entries if e == "config.json" or e.endswith(".safetensors")]
-        if model_files:
-            raise SystemExit(f"--out_dir={out} holds a model ({', '.join(model_files[:3])}) and is not an nrt run "
-                             f"(no {MARKER}): refusing to write into it; pick a new or empty directory")
-        if entries:
-            raise SystemExit(f"--out_dir={out} is not empty and is not an nrt run (no {MARKER}): pick a new or "
-                             f"empty directory")
-    if cfg.resume and not ours:
-        raise SystemExit(f"--resume=True but {out} does not exist or holds no nrt run ({MARKER})")
+    """Before anything is loaded: refuse a foreign out_dir, take its lock, check room for a checkpoint, finish
+    or discard a save cut short. A fresh run starts a new log; --resume verifies the checkpoint, compares the
+    settings and cuts log.jsonl back to it. Returns the step to start from (0: a fresh run)."""
+    out, log = cfg.out_dir, os.path.join(cfg.out_dir, "log.jsonl")
+    refuse_foreign(cfg)
     try:
         os.makedirs(out, exist_ok=True)
         take_lock(out)
@@ -220,31 +193,50 @@ def prepare_out_dir(cfg):
     manifest = read_manifest(out) or {}
     step = manifest.get("step", 0)
     if step and not cfg.resume:
-        raise SystemExit(f"{out} already holds a checkpoint (step {step}); pass --resume=True or pick another --out_dir")
+        raise SystemExit(f"{out} already holds a checkpoint (step {step}); pass --resume=True or pick another "
+                         f"--out_dir")
     if cfg.resume and not step:
         raise SystemExit(f"--resume=True but {out} holds no checkpoint yet; start it afresh without --resume")
     if not step:  # a fresh run: a new log, this run's settings in the marker
-        if os.path.exists(os.path.join(out, "log.jsonl")):
-            os.remove(os.path.join(out, "log.jsonl"))
-        atomic_write(os.path.join(out, MARKER), json.dumps(dict(step=0, files={}, config=dict(cfg)), indent=1).encode())
+        if os.path.exists(log):
+            os.remove(log)
+        atomic_write(os.path.join(out, MARKER), dict(step=0, files={}, config=dict(cfg)))
         return 0
     for name, size in manifest["files"].items():
         path = os.path.join(out, name)
-        if not os.path.isfile(path) or os.path.getsize(path) != size:
-            found = f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "missing"
+        found = f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "missing"
+        if found != f"{size} bytes":
             raise SystemExit(f"{out}: the checkpoint of step {step} is inconsistent: {name} is {found}, its "
                              f"manifest says {size} bytes")
     check_settings(cfg, manifest.get("config", {}))
-    truncate_log(os.path.join(out, "log.jsonl"), step)
+    truncate_log(log, step)
     return step
+
+
+def refuse_foreign(cfg):
+    """out_dir must be new, empty or this trainer's run, and never the model_dir: checked before any write."""
+    out, ours = cfg.out_dir, os.path.isfile(os.path.join(cfg.out_dir, MARKER))
+    if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(cfg.model_dir):
+        raise SystemExit(f"--out_dir={out} is the --model_dir: a run never writes over its own starting model")
+    if os.path.exists(out) and not ours:
+        if not os.path.isdir(out):
+            raise SystemExit(f"--out_dir={out} exists and is not a directory")
+        entries = sorted(os.listdir(out))
+        models = [e for e in entries if e == "config.json" or e.endswith(".safetensors")]
+        if entries:
+            what = f"holds a model ({', '.join(models[:3])})" if models else "is not empty"
+            raise SystemExit(f"--out_dir={out} {what} and is not an nrt run (no {MARKER}): refusing to write into "
+                             f"it; pick a new or empty directory")
+    if cfg.resume and not ours:
+        raise SystemExit(f"--resume=True but {out} does not exist or holds no nrt run ({MARKER})")
 
 
 def check_settings(cfg, old):
     """--resume refuses a changed setting that alters the run, unless --resume_override=True."""
     if (old.get("lora_rank", 0) > 0) != (cfg.lora_rank > 0):
-        switch = "on" if cfg.lora_rank else "off"
         raise SystemExit(f"--lora_rank={cfg.lora_rank}: the checkpoint was trained with --lora_rank="
-                         f"{old.get('lora_rank', 0)}; LoRA cannot be switched {switch} on --resume")
+                         f"{old.get('lora_rank', 0)}; LoRA cannot be switched {'on' if cfg.lora_rank else 'off'} "
+                         f"on --resume")
     changed = [k for k in cfg if k in old and k not in FREE_ON_RESUME and old[k] != cfg[k]]
     if changed and not cfg.resume_override:
         raise SystemExit("--resume: " + ", ".join(f"--{k}={cfg[k]!r} (the run used {old[k]!r})" for k in changed)
@@ -263,13 +255,13 @@ def truncate_log(path, step):
             except ValueError:
                 continue
             if entry.get("eval") == "before" or ("eval" not in entry and entry.get("step", 0) <= step):
-                keep.append(line if line.endswith("\n") else line + "\n")
+                keep.append(line.rstrip("\n") + "\n")
     atomic_write(path, "".join(keep).encode())
 
 
 def take_lock(out):
-    """Create out_dir/.nrt.lock exclusively (O_EXCL) holding our pid; a lock whose process is gone is taken
-    over, a live one is an error. The lock goes when the process exits (not after kill -9: then it is stale)."""
+    """out_dir/.nrt.lock, created exclusively, holds our pid until exit: a live holder is an error; the lock of
+    a dead one (kill -9 leaves it) is taken over, as is an empty one older than 10 s (a crash before its pid)."""
     path = os.path.join(out, LOCK)
     for _ in range(3):
         try:
@@ -283,8 +275,9 @@ def take_lock(out):
                 continue  # released meanwhile
             pid = int(text) if text.isdigit() else None
             if (pid is None and age < 10) or (pid is not None and pid != os.getpid() and _alive(pid)):
-                raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid or 'starting'}; lock file {path})")
-            os.remove(path)  # stale: its process is gone
+                raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid or 'starting'}; lock file "
+                                 f"{path})")
+            os.remove(path)
             continue
         os.write(fd, f"{os.getpid()}\n".encode())
         os.close(fd)
@@ -295,11 +288,11 @@ def take_lock(out):
 
 def _alive(pid):
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # it exists, under another user
+        pass
     return True
 
 
@@ -312,23 +305,18 @@ def _release_lock(path, pid):
         pass
 
 
-def checkpoint_bytes(model_dir, lora):
-    """About what one checkpoint takes on disk: fp32 weights, plus AdamW's two fp32 moments unless LoRA."""
+def check_free_space(cfg, margin=1.1):
+    """Room for a checkpoint beside the previous one: fp32 weights, plus AdamW's two fp32 moments unless LoRA."""
     from safetensors import safe_open
     try:
-        files = set(safetensors_files(model_dir).values())
+        files = set(safetensors_files(cfg.model_dir).values())
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model_dir={model_dir}: {e}") from None
+        raise SystemExit(f"--model_dir={cfg.model_dir}: {e}") from None
     n = 0
     for file in files:
         with safe_open(file, framework="pt") as f:
             n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return n * (4 if lora else 12)
-
-
-def check_free_space(cfg, margin=1.1):
-    need = checkpoint_bytes(cfg.model_dir, cfg.lora_rank > 0) * margin
-    free = shutil.disk_usage(cfg.out_dir).free
+    need, free = n * (4 if cfg.lora_rank > 0 else 12) * margin, shutil.disk_usage(cfg.out_dir).free
     if free < need:
         raise SystemExit(f"--out_dir={cfg.out_dir}: {free / 1e9:.2f} GB free, a checkpoint needs about "
                          f"{need / 1e9:.2f} GB (fp32 weights and optimizer state, written beside the previous one)")
@@ -336,9 +324,8 @@ def check_free_space(cfg, margin=1.1):
 
 def recover(out):
     """Finish a save whose manifest was written (the commit point); discard one cut short before it."""
-    for name in os.listdir(out):
-        if name.endswith(".tmp"):
-            os.remove(os.path.join(out, name))
+    for name in [n for n in os.listdir(out) if n.endswith(".tmp")]:
+        os.remove(os.path.join(out, name))
     stage = os.path.join(out, STAGING)
     if os.path.isfile(os.path.join(stage, MARKER)):
         print(f"{out}: finishing the save of step {read_manifest(stage)['step']} that was cut short", flush=True)
@@ -349,35 +336,23 @@ def recover(out):
 
 
 def _switch_in(out):
-    """Rename the staged files into out_dir, drop files of the old checkpoint the new one lacks, then the
-    manifest. Idempotent: a file already moved by a switch cut short is simply not in the stage any more."""
+    """Rename the staged files into out_dir, drop the old checkpoint's files the new one lacks, then the manifest.
+    Idempotent: a file that a switch cut short already moved is simply no longer in the stage."""
     stage = os.path.join(out, STAGING)
     new, old = read_manifest(stage), read_manifest(out) or {}
-    for name in new["files"]:
-        if os.path.exists(os.path.join(stage, name)):
-            os.replace(os.path.join(stage, name), os.path.join(out, name))
-            _file_done()
-    for name in set(old.get("files", {})) - set(new["files"]):
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    os.replace(os.path.join(stage, MARKER), os.path.join(out, MARKER))
-    _fsync_dir(out)
-    _file_done()
+    for name in [n for n in new["files"] if os.path.exists(os.path.join(stage, n))]:
+        _rename(os.path.join(stage, name), os.path.join(out, name))
+    for name in [n for n in set(old.get("files", {})) - set(new["files"]) if os.path.exists(os.path.join(out, n))]:
+        os.remove(os.path.join(out, name))
+    _rename(os.path.join(stage, MARKER), os.path.join(out, MARKER))
+    _fsync(out)
     shutil.rmtree(stage)
 
 
-def _fsync_dir(path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(model, optimizer, step, cfg):
-    """Step `step` as one unit: the model in the HF layout (LoRA: adapters in the PEFT layout, plus the
-    merged model unless save_merged=False), tokenizer files and train_state.pt (optimizer state, step,
-    config), all staged in out_dir/.ckpt-tmp, then the manifest (the commit point), then switched in.
+    """Step `step` as one unit, staged in out_dir/.ckpt-tmp: the model in the HF layout (LoRA: adapters in the
+    PEFT layout, plus the merged model unless save_merged=False), tokenizer files and train_state.pt (optimizer
+    state, step, config); then the manifest (the commit point); then switched in.
     A failed write names the file and leaves the previous checkpoint as it was."""
     from lora import save_adapters, save_merged
     out = cfg["out_dir"]
@@ -392,22 +367,16 @@ def save_checkpoint(model, optimizer, step, cfg):
                 save_merged(model, stage)
         else:
             save_model(model, stage)
-        for name in TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(cfg["model_dir"], name)):
-                shutil.copyfile(os.path.join(cfg["model_dir"], name), os.path.join(stage, name))
-                _file_done()
-        state = dict(step=step, optimizer=optimizer.state_dict(), config=dict(cfg))
-        torch.save(state, os.path.join(stage, "train_state.pt"))
+        for name in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(cfg["model_dir"], n))]:
+            shutil.copyfile(os.path.join(cfg["model_dir"], name), os.path.join(stage, name))
+            _file_done()
+        torch.save(dict(step=step, optimizer=optimizer.state_dict(), config=dict(cfg)),
+                   os.path.join(stage, "train_state.pt"))
         _file_done()
-        files = {}
-        for name in sorted(os.listdir(stage)):
-            path = os.path.join(stage, name)
-            os.chmod(path, 0o644)  # a model directory is for sharing (safetensors writes 0600)
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())  # on disk before the manifest says it is
-            files[name] = os.path.getsize(path)
-        atomic_write(os.path.join(stage, MARKER), json.dumps(dict(step=step, files=files, config=dict(cfg)),
-                                                             indent=1).encode())
+        for name in os.listdir(stage):
+            _fsync(os.path.join(stage, name))  # on disk before the manifest says it is
+        files = {name: os.path.getsize(os.path.join(stage, name)) for name in sorted(os.listdir(stage))}
+        atomic_write(os.path.join(stage, MARKER), dict(step=step, files=files, config=dict(cfg)))
     except OSError as e:
         shutil.rmtree(stage, ignore_errors=True)
         raise SystemExit(f"saving the checkpoint of step {step} failed writing {e.filename or stage}: "
@@ -418,8 +387,8 @@ def save_checkpoint(model, optimizer, step, cfg):
 
 @torch.no_grad()
 def check_finite(model, source, logits=True):
-    """Stop, naming `source`, if a weight is NaN or infinite (or, with logits=True, the logits of a short
-    probe input): a broken checkpoint must not be trained, evaluated, sampled or saved."""
+    """Stop, naming `source`, if a weight (or, with logits=True, a short probe's logits) is NaN or infinite:
+    a broken checkpoint must not be trained, evaluated, sampled or saved."""
     for name, p in model.named_parameters():
         bad = (~torch.isfinite(p)).sum().item()
         if bad:
@@ -434,18 +403,18 @@ def load_for_training(cfg, device, weight_dtype):
     """(model, train state or None): from model_dir, or from out_dir's checkpoint on --resume."""
     from lora import apply_lora, load_adapters
     lora = cfg.lora_rank > 0  # the frozen base always comes from model_dir; out_dir holds the adapters
-    source = cfg.out_dir if cfg.resume else cfg.model_dir
     model = load_model(cfg.out_dir if cfg.resume and not lora else cfg.model_dir, weight_dtype, device)
     model.activation_checkpointing = cfg.activation_checkpointing
     if lora and cfg.resume:
         load_adapters(model, cfg.out_dir)
     elif lora:
         apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets, seed=cfg.seed)
-    check_finite(model, source)
+    check_finite(model, cfg.out_dir if cfg.resume else cfg.model_dir)
     if not cfg.resume:
         return model, None
     state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), map_location=device, weights_only=False)
-    if state["step"] != read_manifest(cfg.out_dir)["step"]:
+    committed = read_manifest(cfg.out_dir)["step"]
+    if state["step"] != committed:
         raise SystemExit(f"{cfg.out_dir}: train_state.pt is of step {state['step']}, the manifest of step "
-                         f"{read_manifest(cfg.out_dir)['step']}: the checkpoint is inconsistent")
+                         f"{committed}: the checkpoint is inconsistent")
     return model, state

@@ -1,10 +1,17 @@
-"""Command-line configuration shared by every script: a dict of defaults, overridden by --key=value.
-
-The type of each default decides how its override is parsed; an unknown key or a value of the wrong
-type stops the script with a message naming the key. No config files, no argparse: the defaults block
-at the top of each script is the documentation of what can be changed.
+"""Command-line configuration shared by every script: a dict of defaults, overridden by --key=value, each parsed
+as its default's type; an unknown key or a bad value stops the script naming the key. Also train.py's flag checks,
+--device, --dtype and a progress line. No config files, no argparse: each script's defaults block is the docs.
 """
+import contextlib
+import math
+import re
 import sys
+import time
+
+PRECISIONS = ("auto", "float32", "bf16-mixed", "bf16-true")
+BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+AT_LEAST = dict(steps=1, questions_per_step=1, max_think_tokens=1, minibatches=1, rollout_questions=0, lora_rank=0,
+                eval_questions=0, save_every=0, weight_decay=0)  # train.py's flags with a lower bound only
 
 
 def parse_value(key: str, text: str, default):
@@ -12,18 +19,14 @@ def parse_value(key: str, text: str, default):
     if text == "None" and (default is None or isinstance(default, str)):
         return None
     if isinstance(default, bool):
-        if text.lower() in ("true", "1", "yes"):
-            return True
-        if text.lower() in ("false", "0", "no"):
-            return False
-        raise SystemExit(f"--{key}: expected True or False, got {text!r}")
-    for kind in (int, float):
-        if isinstance(default, kind):
-            try:
-                return kind(text)
-            except ValueError:
-                raise SystemExit(f"--{key}: expected {kind.__name__}, got {text!r}") from None
-    return text
+        if text.lower() not in BOOLS:
+            raise SystemExit(f"--{key}: expected True or False, got {text!r}")
+        return BOOLS[text.lower()]
+    kind = type(default) if isinstance(default, (int, float)) else str
+    try:
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"--{key}: expected {kind.__name__}, got {text!r}") from None
 
 
 class Config(dict):
@@ -52,50 +55,41 @@ def parse_args(defaults: dict, argv=None) -> Config:
 
 
 def check_ranges(config: dict, **rules):
-    """rules: flag=(ok, allowed). The first flag whose value is not ok stops the script with one line
-    naming it and its allowed range; called at start-up, before anything is loaded."""
+    """rules: flag=(ok, allowed). The first flag not ok stops the script with one line naming it and its range."""
     for key, (ok, allowed) in rules.items():
         if not ok:
             raise SystemExit(f"--{key}={config[key]!r}: must be {allowed}")
 
 
 def valid_device(name: str) -> bool:
-    import re
     return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
 
 
 def check_training_flags(c, aggregations):
     """train.py's choices and ranges, one line each (temperature and K only matter to NRT, which samples)."""
-    import math
     for key, allowed in (("aggregation", aggregations), ("token_weight", ("fixed", "derived")),
                          ("method", ("nrt", "sft")), ("dtype", PRECISIONS)):
         if c[key] not in allowed:
             raise SystemExit(f"--{key}: expected one of {allowed}, got {c[key]!r}")
     nrt, frac = c.method == "nrt", "in [0, 1]"
+    check_ranges(c, **{key: (c[key] >= least, f"≥ {least}") for key, least in AT_LEAST.items()})
     check_ranges(
-        c, steps=(c.steps >= 1, "≥ 1"), lr=(0 < c.lr < math.inf, "> 0"), grad_clip=(c.grad_clip > 0, "> 0"),
-        temperature=(c.temperature > 0 or not nrt, "> 0"), weight_decay=(c.weight_decay >= 0, "≥ 0"),
+        c, lr=(0 < c.lr < math.inf, "> 0"), grad_clip=(c.grad_clip > 0, "> 0"),
+        temperature=(c.temperature > 0 or not nrt, "> 0"), warmup_frac=(0 <= c.warmup_frac <= 1, frac),
         samples_per_question=(c.samples_per_question >= (2 if nrt else 1), "≥ 2 for NRT (≥ 1 for SFT)"),
-        questions_per_step=(c.questions_per_step >= 1, "≥ 1"), max_think_tokens=(c.max_think_tokens >= 1, "≥ 1"),
-        rollout_questions=(c.rollout_questions >= 0, "≥ 0"), minibatches=(c.minibatches >= 1, "≥ 1"),
-        lora_rank=(c.lora_rank >= 0, "≥ 0"), warmup_frac=(0 <= c.warmup_frac <= 1, frac),
         min_lr_frac=(0 <= c.min_lr_frac <= 1, frac), clip_low=(0 <= c.clip_low <= 1, f"{frac} (≤ 1 ≤ clip_high)"),
         clip_high=(c.clip_high >= 1, "≥ 1 (clip_low ≤ 1 ≤ clip_high)"),
-        eval_questions=(c.eval_questions >= 0, "≥ 0"),
-        save_every=(c.save_every >= 0, "≥ 0"), device=(valid_device(c.device), "auto, cpu, cuda or cuda:N"),
-        think_end=(c.think_end != "", "non-empty"), data=(c.data.strip(" ,") != "", "one or more JSONL files"))
-    if c.dtype == "bf16-true" and c.lora_rank == 0:
-        raise SystemExit("--dtype=bf16-true: trained weights need fp32 master weights (bf16 rounds most "
-                         "updates away); use bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen bf16 base)")
+        device=(valid_device(c.device), "auto, cpu, cuda or cuda:N"), think_end=(c.think_end != "", "non-empty"),
+        data=(c.data.strip(" ,") != "", "one or more JSONL files"),
+        dtype=(c.dtype != "bf16-true" or c.lora_rank > 0, "bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen "
+               "bf16 base): trained weights need fp32 master weights, as bf16 rounds most updates away"))
     if c.questions_per_step % c.minibatches:
         raise SystemExit(f"--minibatches={c.minibatches} must divide --questions_per_step={c.questions_per_step}")
 
 
 def print_config(config: dict):
     width = max(map(len, config))
-    print("config:")
-    for key, value in config.items():
-        print(f"  {key:<{width}} = {value!r}")
+    print("config:\n" + "\n".join(f"  {key:<{width}} = {value!r}" for key, value in config.items()))
 
 
 def resolve_device(name: str) -> str:
@@ -103,24 +97,16 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
-PRECISIONS = ("auto", "float32", "bf16-mixed", "bf16-true")
-
-
 def resolve_precision(name: str, device: str):
-    """(weight dtype, autocast context factory) for --dtype, the same meaning in every script:
-      float32     fp32 weights, fp32 math;
-      bf16-mixed  fp32 weights (the master copy the optimizer updates), bf16 math under autocast,
-                  on CUDA and on CPU alike (so the CPU tests run the GPU's code path);
-      bf16-true   bf16 weights and math: inference, or a frozen LoRA base; never trained weights;
-      auto        bf16-mixed on CUDA, float32 on CPU (where bf16 matmuls are slower, not faster)."""
-    import contextlib
-
+    """(weight dtype, autocast factory) for --dtype in every script. bf16-mixed: fp32 weights (the optimizer's master
+    copy), bf16 math under autocast, on CPU too (so the CPU tests run the GPU's path); bf16-true: bf16 weights and
+    math, never trained weights; auto: bf16-mixed on CUDA, float32 on CPU (where bf16 matmuls are slower)."""
     import torch
     if name not in PRECISIONS:
         raise SystemExit(f"--dtype: expected one of {', '.join(PRECISIONS)}, got {name!r}")
-    if name == "auto":
-        name = "bf16-mixed" if device.startswith("cuda") else "float32"
     device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if name == "auto":
+        name = "bf16-mixed" if device_type == "cuda" else "float32"
     if name == "bf16-mixed":
         return torch.float32, lambda: torch.autocast(device_type, dtype=torch.bfloat16)
     return (torch.bfloat16 if name == "bf16-true" else torch.float32), contextlib.nullcontext
@@ -130,9 +116,7 @@ _last_progress = {}
 
 
 def progress(label: str, done: int, total: int, t0: float, unit="questions"):
-    """One progress line with rate and ETA on stderr: redrawn in place on a terminal; in a log file,
-    at most one line every 30 s and the last one, so nothing floods it."""
-    import time
+    """A progress line with rate and ETA on stderr: redrawn on a terminal; in a log, one per 30 s and the last."""
     now = time.time()
     rate = done / max(now - t0, 1e-9)
     line = f"{label}: {done}/{total} {unit}, {rate:.2f}/s, ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min"

@@ -1,18 +1,12 @@
 """Questions and answers: reading them, writing them as prompts, and matching a model's answer.
 
-What it is
-  JSONL rows {"question", "answer", "aliases"?, "options"?} (data/ holds the bundled sets); the one
-  prompt format that train.py and eval.py share (so a model is evaluated as it was trained); the
-  delimiter that ends a reasoning trace; and exact-match answer checking with normalisation.
-
-Choices
-  - The prompt is the chat template's user turn: the question, then a short instruction to think and
-    write the delimiter. The delimiter is plain text a small model writes readily ("\nAnswer:"), or
-    the name of a special token of the vocabulary.
-  - The answer is encoded as a continuation of the delimiter and ends with the end-of-turn token,
-    so the model also learns where an answer stops.
-  - Matching: lower case, no articles or punctuation, numbers in one canonical form, aliases accepted;
-    a yes/no reference is decided by the prediction's first word.
+JSONL rows {"question", "answer", "aliases"?, "options"?} (data/ holds the bundled sets); the one prompt
+format train.py and eval.py share (a model is evaluated as it was trained); exact-match answer checking.
+Choices: the prompt is the chat template's user turn, the question then an instruction to think and write
+the delimiter, which is plain text a small model writes readily ("\nAnswer:") or a special token's name;
+the answer continues the delimiter and ends with the end-of-turn token (the model learns where it stops);
+matching ignores case, articles and punctuation, writes numbers one way, accepts aliases, and decides a
+yes/no reference by the prediction's first word.
 Left out: fuzzy matching, LLM judges, per-task answer formats.
 """
 import json
@@ -26,9 +20,9 @@ INSTRUCTION = "Think briefly, then write 'Answer:' followed by the final answer 
 THINK_END = "\nAnswer:"  # the end-of-thinking delimiter
 SUITES = {"default": ["arithmetic", "object_counting"],
           "all": ["arithmetic", "object_counting", "qa_wikidata", "strategyqa"]}
+ANSWER_LEAD_IN = re.compile(r"^(the\s+)?(final\s+)?answer\b(\s+is\b)?\s*:?\s*", re.IGNORECASE)
+YES_NO = ("yes", "no", "true", "false")
 
-
-# ---- prompts ----
 
 def prompt_ids(tok, question, instruction=INSTRUCTION, system=""):
     """The chat-formatted prompt: optional system message, then the question and the instruction."""
@@ -38,8 +32,7 @@ def prompt_ids(tok, question, instruction=INSTRUCTION, system=""):
 
 
 def check_delimiter(tok, think_end, model_dir=""):
-    """A delimiter shaped like a special token (<|...|> or <...>) must be one of the vocabulary: otherwise
-    it would silently be trained as the plain text of its characters."""
+    """A delimiter shaped like a special token (<|...|>, <...>) must be one, or it would be trained as plain text."""
     try:
         tok.special_id(think_end)
     except KeyError:
@@ -62,9 +55,8 @@ def answer_ids(tok, answer):
     return tok.encode(" " + answer.strip(), continuation=True) + [tok.eos_id]
 
 
-# ---- reading data ----
-
 def _no_duplicate_keys(pairs):
+    """json.loads would silently keep the last of two equal keys."""
     keys = [k for k, _ in pairs]
     dup = next((k for k in keys if keys.count(k) > 1), None)
     if dup is not None:
@@ -73,8 +65,8 @@ def _no_duplicate_keys(pairs):
 
 
 def load_qa(path, with_lines=False):
-    """Rows {"question", "answer", "aliases"?} from a JSONL file; a bad line is an error naming it.
-    with_lines: (row, "file:line") pairs."""
+    """Rows {"question", "answer", "aliases"?} of a JSONL file (with_lines: (row, "file:line") pairs); a bad line
+    is an error naming it."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not a file (expected JSONL with question/answer rows)")
     rows = []
@@ -118,9 +110,8 @@ def load_rows(spec, split="train", with_lines=False):
 
 
 def training_rows(tok, delim, cfg, max_len):
-    """The training rows, each checked to fit the model: prompt + max_think_tokens (NRT; SFT writes no
-    trace) + delimiter + answer ≤ max_len (max_position_embeddings). A row too long is an error naming
-    it (file:line), or, with skip_too_long=True, skipped and counted. Bad data is a one-line error."""
+    """The training rows, each checked to fit: prompt + max_think_tokens (NRT; SFT writes no trace) + delimiter +
+    answer ≤ max_len. A row too long is an error naming its file:line, or skipped with skip_too_long=True."""
     try:
         pairs = load_rows(cfg.data, with_lines=True)
     except ValueError as e:
@@ -131,13 +122,12 @@ def training_rows(tok, delim, cfg, max_len):
         n = len(prompt_ids(tok, row["question"], cfg.instruction, cfg.system)) + think + len(delim) \
             + len(answer_ids(tok, row["answer"]))
         (too_long if n > max_len else rows).append(f"{where} ({n} tokens)" if n > max_len else row)
+    named = ", ".join(too_long[:5]) + (" …" if len(too_long) > 5 else "")
     if too_long and not cfg.skip_too_long:
         raise SystemExit(f"--data: {len(too_long)} question(s) do not fit max_position_embeddings={max_len} with "
-                         f"max_think_tokens={think}: {', '.join(too_long[:5])}{' …' if len(too_long) > 5 else ''}; "
-                         f"shorten them or pass --skip_too_long=True")
+                         f"max_think_tokens={think}: {named}; shorten them or pass --skip_too_long=True")
     if too_long:
-        print(f"skipped {len(too_long)} question(s) longer than max_position_embeddings={max_len}: "
-              f"{', '.join(too_long[:5])}", flush=True)
+        print(f"skipped {len(too_long)} question(s) longer than max_position_embeddings={max_len}: {named}", flush=True)
     if not rows:
         raise SystemExit(f"--data={cfg.data!r}: no training questions left")
     return rows
@@ -151,8 +141,6 @@ def json_safe(x):
         return {k: json_safe(v) for k, v in x.items()}
     return [json_safe(v) for v in x] if isinstance(x, (list, tuple)) else x
 
-
-# ---- answer matching ----
 
 def normalize_answer(text: str) -> str:
     """Lower case, no articles or punctuation, single spaces, numbers in one canonical form."""
@@ -170,13 +158,8 @@ def normalize_answer(text: str) -> str:
     return " ".join(words)
 
 
-ANSWER_LEAD_IN = re.compile(r"^(the\s+)?(final\s+)?answer\b(\s+is\b)?\s*:?\s*", re.IGNORECASE)
-YES_NO = ("yes", "no", "true", "false")
-
-
 def extract_answer(text: str) -> str:
-    """The answer a model wrote after the delimiter: its first non-empty line, without an
-    "Answer:" / "The answer is" lead-in (models often restate the delimiter before the answer)."""
+    """The first non-empty line after the delimiter, less an "Answer:" / "The answer is" a model often restates."""
     for line in text.strip().splitlines():
         line = ANSWER_LEAD_IN.sub("", line.strip(), count=1).strip()
         if line:
@@ -185,8 +168,8 @@ def extract_answer(text: str) -> str:
 
 
 def is_correct(prediction: str, row: dict) -> bool:
-    """Exact match after normalisation against the answer or any alias. When every reference is a
-    yes/no (true/false), the prediction's first word decides: "No, because ..." answers no."""
+    """Exact match after normalisation against the answer or an alias; against yes/no (true/false) references
+    the prediction's first word decides: "No, because ..." answers no."""
     pred = normalize_answer(prediction)
     refs = [normalize_answer(a) for a in [row["answer"], *row.get("aliases", [])]]
     if all(r in YES_NO for r in refs) and pred.split()[:1] and pred.split()[0] in YES_NO:

@@ -4,53 +4,48 @@
     python memory.py --readme=True                                     # the README's table
     python train.py --dry_run=True ...                                 # the same for a training config
 
-Exact (bytes): weights in the working dtype (+ fp32 LoRA adapters); one gradient per trained parameter
-(fp32 for fp32 master weights or adapters); AdamW's two fp32 moments, plus the fp32 master copy when
-bf16-mixed keeps bf16 weights for the math; the sampler's KV cache for all B·K rollout rows.
-A rule of thumb, not exact: the activations autograd keeps for one training micro-batch (K rows):
-  per token per layer ≈ 6·r·d + b·(2q + 2kv + 4f) bytes   (d = dim, q/kv = query/key-value widths,
-  f = ffn width, r = bytes of the residual stream, b = of matmul outputs: 4/4 fp32, 4/2 bf16-mixed),
-within 15 % of autograd's saved tensors for full fine-tuning (tests/test_memory.py); LoRA keeps less,
-so this overestimates it. Checkpointing keeps r·d per token per layer plus one block's worth. Add the
-vocabulary projection (1024 rows × vocab × 16 bytes at a time) and 1 GiB of CUDA context.
-total = weights + gradients + optimizer + max(activations, KV cache) + overhead.
+total = weights + gradients + optimizer + max(activations, KV cache) + overhead (1 GiB of CUDA context).
+Exact: weights in the working dtype (+ fp32 LoRA adapters); a gradient per trained parameter (fp32 for fp32
+masters or adapters); AdamW's two fp32 moments (+ the fp32 master when bf16-mixed keeps bf16 weights for the
+math); the sampler's KV cache for all B·K rollout rows. A rule of thumb: the activations autograd keeps for
+one micro-batch (K rows), 6·r·d + b·(2q + 2kv + 4f) bytes per token per layer (d = dim, q/kv/f = query /
+key-value / ffn widths, r/b = bytes of the residual stream / matmul outputs: 4/4 fp32, 4/2 bf16-mixed), within
+15 % of autograd for full fine-tuning (tests/test_memory.py), an overestimate for LoRA; checkpointing keeps
+r·d per token per layer plus one block's worth; plus the vocabulary projection (1024 rows × vocab × 16 bytes).
 Left out: allocator fragmentation (keep ~10 % headroom), torch.compile's buffers.
 """
 import os
 
+import torch
+
 from checkpoint import load_config
-from cli import parse_args
+from cli import parse_args, resolve_device
+from data import answer_ids, load_rows, prompt_ids
 from model import ModelConfig
+from tokenizer import Tokenizer
 
 GiB = 2**30
-PRESETS = {  # the real configs (config.json on the Hub), so a plan needs no download
-    "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
-                         head_dim=64, intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True),
-    "llama-3.2-1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=64, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3.2-3b": dict(hidden_size=3072, num_hidden_layers=28, num_attention_heads=24, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
-    "llama-3.1-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         head_dim=128, intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+HF_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
+           "intermediate_size", "vocab_size", "tie_word_embeddings")
+PRESETS = {  # HF_KEYS of the real configs (config.json on the Hub), so a plan needs no download
+    "smollm2-135m": (576, 30, 9, 3, 64, 1536, 49152, True),
+    "llama-3.2-1b": (2048, 16, 32, 8, 64, 8192, 128256, True),
+    "llama-3.2-3b": (3072, 28, 24, 8, 128, 8192, 128256, True),
+    "llama-3.1-8b": (4096, 32, 32, 8, 128, 14336, 128256, False),
 }
+COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache")
 
 
 def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise SystemExit(f"--preset_model: expected one of {sorted(PRESETS)}, got {name!r}")
-    return ModelConfig.from_hf(dict(PRESETS[name], model_type="llama"), source=name)
-
-
-def linear_shapes(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each linear of a block."""
-    q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-    return dict(wq=(cfg.dim, q), wk=(cfg.dim, kv), wv=(cfg.dim, kv), wo=(q, cfg.dim),
-                w_gate=(cfg.dim, cfg.ffn_dim), w_up=(cfg.dim, cfg.ffn_dim), w_down=(cfg.ffn_dim, cfg.dim))
+    return ModelConfig.from_hf(dict(zip(HF_KEYS, PRESETS[name]), model_type="llama"), source=name)
 
 
 def param_count(cfg: ModelConfig, lora_rank=0, targets=()) -> int:
     """Parameters of the model, or of its LoRA adapters when lora_rank > 0."""
-    shapes = linear_shapes(cfg)
+    d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
+    shapes = dict(wq=(d, q), wk=(d, kv), wv=(d, kv), wo=(q, d), w_gate=(d, f), w_up=(d, f), w_down=(f, d))  # (in, out)
     if lora_rank:
         return cfg.n_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in targets)
     per_layer = sum(i * o for i, o in shapes.values()) + 2 * cfg.dim
@@ -71,8 +66,7 @@ def memory_plan(cfg: ModelConfig, *, K, B, seq_len, weight_bytes, master_fp32, l
     n_train = param_count(cfg, lora_rank, lora_targets) if lora_rank else n
     master = master_fp32 and weight_bytes < 4 and not lora_rank
     r, b = (4 if master else weight_bytes), weight_bytes
-    per_layer = activations_per_token_layer(cfg, r, b)
-    tokens = K * seq_len
+    per_layer, tokens = activations_per_token_layer(cfg, r, b), K * seq_len
     kept = r * cfg.dim if checkpointing else per_layer
     plan = dict(params=n, trainable_params=n_train, seq_len=seq_len,
                 weights=n * weight_bytes + (4 * n_train if lora_rank else 0),
@@ -81,18 +75,25 @@ def memory_plan(cfg: ModelConfig, *, K, B, seq_len, weight_bytes, master_fp32, l
                 activations=cfg.n_layers * tokens * kept + (tokens * per_layer if checkpointing else 0)
                 + min(1024, tokens) * cfg.vocab_size * 16,
                 kv_cache=B * K * seq_len * cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * b,
-                overhead=int(overhead_gb * GiB))
+                overhead=int(overhead_gb * GiB), budget=None if budget_gb is None else int(budget_gb * GiB))
     plan["total"] = (plan["weights"] + plan["gradients"] + plan["optimizer"]
                      + max(plan["activations"], plan["kv_cache"]) + plan["overhead"])
-    plan["budget"] = None if budget_gb is None else int(budget_gb * GiB)
     plan["fits"] = None if budget_gb is None else plan["total"] <= plan["budget"]
     return plan
+
+
+def plan_run(model_cfg: ModelConfig, c, dtype, seq_len, budget_gb, overhead_gb=1.0) -> dict:
+    """memory_plan for the flags of train.py or memory.py (the same names) with dtype resolved (not auto)."""
+    return memory_plan(model_cfg, K=c.samples_per_question, B=c.questions_per_step, seq_len=seq_len,
+                       weight_bytes=4 if dtype == "float32" else 2, master_fp32=dtype == "bf16-mixed",
+                       lora_rank=c.lora_rank, lora_targets=c.lora_targets.split(","),
+                       checkpointing=c.activation_checkpointing, budget_gb=budget_gb, overhead_gb=overhead_gb)
 
 
 def print_plan(plan: dict, title: str):
     print(f"{title}\n  parameters {plan['params'] / 1e6:,.1f}M, trained {plan['trainable_params'] / 1e6:,.2f}M, "
           f"training rows of {plan['seq_len']} tokens")
-    for key in ("weights", "gradients", "optimizer", "activations", "kv_cache", "overhead", "total"):
+    for key in (*COMPONENTS, "overhead", "total"):
         print(f"  {key:<12} {plan[key] / GiB:>8.1f} GiB" + ("   (rule of thumb)" if key == "activations" else ""))
     if plan["budget"] is not None:
         print(f"  {'fits' if plan['fits'] else 'DOES NOT FIT'} in {plan['budget'] / GiB:.1f} GiB "
@@ -106,38 +107,27 @@ def readme_table(budget_gb=80.0, prompt_len=256, think=1024, answer=32, K=8, ran
     for name in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
         for lora_rank in (0, rank):
             for ckpt in (False, True):
-                p = memory_plan(preset_config(name), K=K, B=1, seq_len=prompt_len + think + answer,
-                                weight_bytes=2, master_fp32=True, lora_rank=lora_rank, checkpointing=ckpt,
-                                budget_gb=budget_gb)
+                p = memory_plan(preset_config(name), K=K, B=1, seq_len=prompt_len + think + answer, weight_bytes=2,
+                                master_fp32=True, lora_rank=lora_rank, checkpointing=ckpt, budget_gb=budget_gb)
                 how = f"LoRA r={lora_rank} q,k,v,o" if lora_rank else "full, bf16-mixed"
-                cells = " | ".join(f"{p[c] / GiB:.1f}" for c in ("weights", "gradients", "optimizer", "activations",
-                                                                 "kv_cache", "total"))
-                lines.append(f"| {name} | {how} | {'yes' if ckpt else 'no'} | {cells} | {'yes' if p['fits'] else 'no'} |")
+                cells = " | ".join(f"{p[c] / GiB:.1f}" for c in (*COMPONENTS, "total"))
+                lines.append(f"| {name} | {how} | {'yes' if ckpt else 'no'} | {cells} | "
+                             f"{'yes' if p['fits'] else 'no'} |")
     return "\n".join(lines)
 
 
 def plan_training_run(cfg) -> dict:
     """train.py --dry_run=True: the plan for a training config, from config.json and the tokenizer alone."""
-    from cli import resolve_device
-    from data import answer_ids, load_rows, prompt_ids
-    from tokenizer import Tokenizer
     tok, device = Tokenizer.from_pretrained(cfg.model_dir), resolve_device(cfg.device)
     some = load_rows(cfg.data)[:2000]  # the longest prompt and answer among up to 2000 questions
     prompt = max(len(prompt_ids(tok, q["question"], cfg.instruction, cfg.system)) for q in some)
     answer = max(len(answer_ids(tok, q["answer"])) for q in some) + 8  # + the delimiter
     cuda = device.startswith("cuda")
-    mixed = cfg.dtype == "bf16-mixed" or cfg.dtype == "auto" and cuda
-    budget = cfg.gpu_mem_gb or None
-    if budget is None and cuda:
-        import torch
-        budget = torch.cuda.get_device_properties(device).total_memory / GiB
-    elif budget is None:  # CPU: the machine's memory
-        budget = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
-    plan = memory_plan(load_config(cfg.model_dir), K=cfg.samples_per_question, B=cfg.questions_per_step,
-                       seq_len=prompt + cfg.max_think_tokens + answer,
-                       weight_bytes=2 if mixed or cfg.dtype == "bf16-true" else 4, master_fp32=mixed,
-                       lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets.split(","),
-                       checkpointing=cfg.activation_checkpointing, budget_gb=budget, overhead_gb=1.0 if cuda else 0.5)
+    budget = cfg.gpu_mem_gb or (torch.cuda.get_device_properties(device).total_memory if cuda  # 0: the GPU's
+                                else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GiB  # or the machine's
+    dtype = cfg.dtype if cfg.dtype != "auto" else "bf16-mixed" if cuda else "float32"  # as cli.resolve_precision
+    plan = plan_run(load_config(cfg.model_dir), cfg, dtype, prompt + cfg.max_think_tokens + answer, budget,
+                    overhead_gb=1.0 if cuda else 0.5)
     print_plan(plan, f"memory plan ({device}, {cfg.questions_per_step} questions × {cfg.samples_per_question} "
                      f"traces, prompt ≤ {prompt}, think ≤ {cfg.max_think_tokens}, answer ≤ {answer} tokens):")
     return plan
@@ -148,14 +138,10 @@ DEFAULTS = dict(
     preset_model="llama-3.2-1b",  # smollm2-135m | llama-3.2-1b | llama-3.2-3b | llama-3.1-8b
     samples_per_question=8,       # K: rows of one training micro-batch
     questions_per_step=1,         # B: questions sampled together (the KV cache holds B·K rows)
-    prompt_len=256,
-    max_think_tokens=1024,
-    answer_len=32,
+    prompt_len=256, max_think_tokens=1024, answer_len=32,  # the tokens of one training row
     dtype="bf16-mixed",           # bf16-mixed | bf16-true | float32
-    lora_rank=0,                  # > 0: LoRA on lora_targets, base frozen
-    lora_targets="wq,wk,wv,wo",
-    activation_checkpointing=False,
-    gpu_mem_gb=80.0,
+    lora_rank=0, lora_targets="wq,wk,wv,wo",  # lora_rank > 0: LoRA on lora_targets, base frozen
+    activation_checkpointing=False, gpu_mem_gb=80.0,  # gpu_mem_gb: the budget checked (0 = none)
     readme=False,                 # print the README table instead
 )
 
@@ -168,10 +154,7 @@ def main():
     if a.dtype not in ("bf16-mixed", "bf16-true", "float32"):
         raise SystemExit(f"--dtype: expected bf16-mixed, bf16-true or float32, got {a.dtype!r}")
     cfg = load_config(a.model_dir) if a.model_dir else preset_config(a.preset_model)
-    plan = memory_plan(cfg, K=a.samples_per_question, B=a.questions_per_step,
-                       seq_len=a.prompt_len + a.max_think_tokens + a.answer_len, weight_bytes=4 if a.dtype == "float32" else 2,
-                       master_fp32=a.dtype == "bf16-mixed", lora_rank=a.lora_rank, lora_targets=a.lora_targets.split(","),
-                       checkpointing=a.activation_checkpointing, budget_gb=a.gpu_mem_gb or None)
+    plan = plan_run(cfg, a, a.dtype, a.prompt_len + a.max_think_tokens + a.answer_len, a.gpu_mem_gb or None)
     print_plan(plan, f"memory plan for {os.path.basename(a.model_dir) or a.preset_model}:")
 
 

@@ -11,9 +11,9 @@ Choices
     on the fly for the positions at hand, so a 128k-context Llama 3.1 costs no 128k-row table.
   - Attention goes through `F.scaled_dot_product_attention`. Without a cache, padding or a window it
     takes SDPA's causal fast path; otherwise a boolean mask is built from position tensors. A KV cache
-    (see sample.py) is any object with `k`/`v` tensors of shape (layers, rows, kv_heads, max_len,
-    head_dim): a chunk is written at its position tensor and attention always spans all max_len slots
-    (unwritten ones masked), so a decode step has the same shapes at every position.
+    (see sample.py) is any object with lists `k`/`v` of per-layer (rows, kv_heads, max_len, head_dim)
+    tensors: a chunk is written in place at its position tensor and attention always spans all max_len
+    slots (unwritten ones masked), so a decode step has the same shapes at every position.
     Left padding is expressed with `key_valid` (rows, keys): pad slots are never attended to.
   - No Python branch depends on a tensor's shape or value, so torch.compile(dynamic=True) traces the
     whole forward, layer loop included, as one graph (sample.compile_model compiles it).
@@ -160,11 +160,11 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write at the position tensor (an in-place index_put), attend over all slots
-            cache.k[layer][:, :, pos] = k.to(cache.k.dtype)
-            cache.v[layer][:, :, pos] = v.to(cache.v.dtype)
+            cache.k[layer][:, :, pos] = k.to(cache.k[layer].dtype)
+            cache.v[layer][:, :, pos] = v.to(cache.v[layer].dtype)
             k, v = cache.k[layer], cache.v[layer]  # (B, H_kv, max_len, hd)
-        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=mask is None,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                             is_causal=mask is None, enable_gqa=self.n_kv_heads != self.n_heads)
         # SDPA repeats each KV head for its H / H_kv query heads (enable_gqa); out: (B, H, T, hd)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H·hd) → (B, T, dim)
 
@@ -238,7 +238,7 @@ class Transformer(nn.Module):
         # given, never on shapes: a shape-dependent Python bool would graph-break under torch.compile.
         mask = None
         if cache is not None:
-            k_pos = torch.arange(cache.k.shape[3], device=device)
+            k_pos = torch.arange(cache.k[0].shape[2], device=device)
             mask = attention_mask(q_pos, k_pos, self.cfg.sliding_window, key_valid)
         elif key_valid is not None or self.cfg.sliding_window is not None:
             mask = attention_mask(q_pos, q_pos, self.cfg.sliding_window,

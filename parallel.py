@@ -1,10 +1,7 @@
-"""Data parallelism with PyTorch's own engine (torch.distributed), for `torchrun --nproc_per_node=N train.py`.
-
-Each rank samples and scores its own share of a step's questions; gradients are summed over the
-ranks with all_reduce before the (identical) optimizer step on every rank, so the weights never drift
-apart; rank 0 logs and saves. No DistributedDataParallel wrapper: NRT's forward goes through
-`token_logprobs`, not `model.forward`, and one all-reduce per step after all micro-batches is all
-we need. A plain `python train.py` is rank 0 of 1 and never touches torch.distributed.
+"""Data parallelism with torch.distributed, for `torchrun --nproc_per_node=N train.py`: each rank samples and
+scores its share of a step's questions; one all_reduce sums the gradients before the identical optimizer step
+on every rank (the weights never drift apart); rank 0 logs and saves. No DistributedDataParallel: NRT's forward
+goes through `token_logprobs`, not `model.forward`. A plain `python train.py` is rank 0 of 1.
 Left out: sharded optimizers (FSDP/ZeRO), gradient bucketing, tensor or pipeline parallelism.
 """
 import os
@@ -16,15 +13,14 @@ import torch.distributed as dist
 
 
 def init_distributed(device):
-    """(rank, world, device). Under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set) join the process group:
-    nccl with one GPU per process, gloo on CPU. A plain `python train.py` is rank 0 of 1."""
+    """(rank, world, device): under torchrun join the process group, nccl with one GPU per process, gloo on CPU."""
     if "RANK" not in os.environ:
         return 0, 1, device
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    # Rank 0 alone evaluates and saves while the others wait at the next collective: a long timeout
-    # keeps that wait from being taken for a hung rank (nccl's default is 10 minutes).
+    # rank 0 alone evaluates and saves while the others wait at the next collective: a long timeout keeps
+    # that wait from being taken for a hung rank (nccl's default is 10 minutes)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=3))
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -39,19 +35,18 @@ def any_rank(flag: bool, world: int) -> bool:
 
 
 def all_reduce_grads(model, world):
-    """Data parallel: sum every gradient over the ranks (torch.distributed; gloo on CPU, nccl on GPU)."""
+    """Sum every trained parameter's gradient over the ranks (a rank without one adds zeros)."""
     if world == 1:
         return
-    for p in model.parameters():
-        if p.requires_grad:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
+    for p in (p for p in model.parameters() if p.requires_grad):
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
 
 
 def stop_on_signals():
-    """Ctrl-C or SIGTERM (kill, a scheduler's preemption) sets the returned dict's "signal": the loop
-    finishes its step, saves and exits 128 + signum; a second signal aborts at once, without saving."""
+    """Ctrl-C or SIGTERM (kill, a scheduler's preemption) sets the returned dict's "signal": the loop finishes
+    its step, saves and exits 128 + signum; a second signal aborts at once, without saving."""
     stop = {}
 
     def on_signal(signum, frame):

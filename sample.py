@@ -1,36 +1,34 @@
 """KV-cached sampling: the hot path of NRT (K reasoning traces per question, every step).
 
 What it is
-  A static KV cache, `prefill` and `decode_step` as separate functions, and `generate`, which samples
-  `num_samples` rows per prompt: each distinct prompt is prefilled once and its cache replicated into
-  its K rows (the NRT access pattern). Different prompts are left-padded to one length; pad slots are
-  masked out of attention (RoPE is relative, so a shifted start position changes nothing).
-  `compile_model` is the one call that turns on torch.compile for sampling, scoring and training.
+  A static KV cache, `prefill` and `decode_step`, and `generate`, which samples `num_samples` rows per
+  prompt: each distinct prompt is prefilled once and its cache replicated into its K rows (the NRT
+  access pattern). Different prompts are left-padded to one length; pad slots are masked out of
+  attention (RoPE is relative, so a shifted start changes nothing). `compile_model` is the one call
+  that turns on torch.compile for sampling, scoring and training.
 
 Choices
   - Static shapes, as in gpt-fast: the cache has a fixed length (prompt + new tokens rounded up to 64),
     each step writes at a position tensor and attends over every slot under a mask, so one compiled
-    decode graph serves every step. A finished row stays in the batch (its output ignored) until the
-    live rows fit a power of two at most half the batch; then the batch shrinks to that size. Batch
-    sizes are thus the initial one and powers of two: few graphs, and short traces still stop costing.
-  - One host sync per step at most: the step's tokens come to the host once for the stop checks
-    (none without stop ids or strings); tokens and log-probs stay on the device until the end.
-  - Sampling draws by inverse CDF (cumsum + searchsorted against one uniform per row from an explicit
-    `torch.Generator`): reproducible, and ~10x cheaper than torch.multinomial over a 49k vocabulary.
-    Every step draws a uniform for every row of the whole batch, finished or not, so a row's samples
-    never depend on when the others stop (nor, with row_slice, on how rows are split over calls).
-  - The log-probs returned are those of the distribution actually sampled from (after temperature,
-    top-k, top-p), from fp32 logits, so a trainer never mixes a truncated sampler with an untruncated
-    loss by accident. With temperature 0 (greedy) they are the model's plain log-probs.
-  - torch.no_grad, not inference_mode: under autocast the fp32 → bf16 weight casts are cached for the
-    whole autocast region only outside inference_mode; the cache is kept in the autocast dtype.
-  - It knows token ids only. Stop strings are checked on text through a `decode` function the caller
-    passes (the tokenizer's), on the last few tokens of each row.
+    decode graph serves every step. A finished row stays in the batch (output ignored) until the live
+    rows fit a power of two at most half the batch, which the batch then shrinks to: few shapes, and
+    short traces still stop costing compute.
+  - At most one host sync per step: the step's tokens come to the host for the stop checks (none
+    without stop ids or strings); tokens and log-probs stay on the device until the end.
+  - Inverse-CDF draws (cumsum + searchsorted against one uniform per row from an explicit generator):
+    reproducible, ~10x cheaper than torch.multinomial over 49k tokens. Every step draws a uniform for
+    every row of the whole batch, so a row's samples never depend on when others stop (nor, with
+    row_slice, on how rows are split over calls).
+  - Log-probs are those of the distribution sampled from (after temperature, top-k, top-p), from fp32
+    logits; with temperature 0 (greedy) the model's plain log-probs.
+  - torch.no_grad, not inference_mode: autocast caches its fp32 → bf16 weight casts for the whole
+    autocast region only outside inference_mode. The cache is kept in the autocast dtype.
+  - Stop strings are checked on text through the caller's `decode`, on each row's last few tokens.
 
 Left out
   Beam search, repetition penalties, speculative decoding, paged caches, a rolling sliding-window
-  cache (the model's mask enforces Mistral's window over a cache that keeps every position). Under
-  torch.compile the autocast weight casts are part of the compiled graph (its cast cache is eager-only).
+  cache (the mask enforces Mistral's window). Under torch.compile the autocast weight casts are in
+  the compiled graph, i.e. every step (autocast's cast cache is eager-only).
 """
 import sys
 import time
@@ -40,43 +38,45 @@ import torch
 
 
 class KVCache:
-    """Keys and values for every layer: (layers, rows, kv_heads, max_len, head_dim) each.
+    """Keys and values: per layer, (rows, kv_heads, max_len, head_dim) tensors in the lists `k` and `v`.
 
+    One tensor per layer, not a slice of one big tensor: a compiled step then writes each in place
+    (a write into a view of a graph input would be functionalized into a copy of the whole cache).
     `pool` (set by compile_model on CUDA) reuses buffers per shape across calls: CUDA graphs replay on
     fixed addresses, and a new cache per call would re-record them."""
-    pool = None  # {(shape, dtype, device): (k, v)} or None
+    pool = None  # {(layer, shape, dtype, device): (k, v)} or None
 
     def __init__(self, cfg, rows: int, max_len: int, dtype, device):
-        self.cfg, self.dtype, self.device = cfg, dtype, device
-        self.k, self.v = self._buffers(rows, max_len)
+        self.n_layers, self.dtype, self.device = cfg.n_layers, dtype, device
+        self.shape = (rows, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k, self.v = map(list, zip(*(self._buffers(i, self.shape) for i in range(self.n_layers))))
 
-    def _buffers(self, rows, max_len):
-        shape = (self.cfg.n_layers, rows, self.cfg.n_kv_heads, max_len, self.cfg.head_dim)
-        key = (shape, self.dtype, str(self.device))
+    def _buffers(self, layer, shape):
+        key = (layer, shape, self.dtype, str(self.device))
         if KVCache.pool is not None and key in KVCache.pool:
             return KVCache.pool[key]  # stale slots are harmless: the mask hides every unwritten one
-        kv = (torch.zeros(shape, dtype=self.dtype, device=self.device),
-              torch.zeros(shape, dtype=self.dtype, device=self.device))
+        kv = tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
         if KVCache.pool is not None:
             for t in kv:
                 torch._dynamo.mark_static_address(t)
             KVCache.pool[key] = kv
         return kv
 
-    def _set(self, k, v):
-        if KVCache.pool is None:
-            self.k, self.v = k, v
-        else:
-            self.k, self.v = self._buffers(k.shape[1], k.shape[3])
-            self.k.copy_(k)
-            self.v.copy_(v)
+    def keep_rows(self, index: torch.Tensor):
+        """Row r becomes old row index[r] (index_select: fresh tensors, not views)."""
+        self.shape = (len(index),) + self.shape[1:]
+        for i in range(self.n_layers):
+            k, v = self.k[i].index_select(0, index), self.v[i].index_select(0, index)
+            if KVCache.pool is not None:  # copy into the pooled buffers of the new shape
+                self.k[i], self.v[i] = self._buffers(i, self.shape)
+                self.k[i].copy_(k)
+                self.v[i].copy_(v)
+            else:
+                self.k[i], self.v[i] = k, v
 
     def repeat_rows(self, times: int):
         """Each row becomes `times` consecutive rows (one prompt's prefill shared by its K samples)."""
-        self.keep_rows(torch.arange(self.k.shape[1], device=self.k.device).repeat_interleave(times))
-
-    def keep_rows(self, index: torch.Tensor):
-        self._set(self.k.index_select(1, index), self.v.index_select(1, index))  # fresh tensors, not views
+        self.keep_rows(torch.arange(self.shape[0], device=self.device).repeat_interleave(times))
 
 
 @dataclass
@@ -109,12 +109,14 @@ def decode_and_sample(model, token, pos, cache, key_valid, u, temperature, top_k
 def compile_model(model, backend="inductor"):
     """torch.compile for --compile=True: the one call train.py and eval.py make, after loading (and LoRA).
 
-    `model.hidden` (training forward, token_logprobs, prefill) is compiled with dynamic shapes, and
-    generate's decode step with static-shape discipline: mode="reduce-overhead" (CUDA graphs) on CUDA,
-    the default on CPU. The module itself is not wrapped, so parameter names stay clean."""
+    `model.hidden` (training forward, token_logprobs, prefill) and generate's decode step (with the draw)
+    are compiled, the decode step with mode="reduce-overhead" (CUDA graphs) on CUDA, the default on CPU.
+    The module itself is not wrapped, so parameter names stay clean. `backend` is for tests."""
     cuda = model.embed.weight.is_cuda
-    model.hidden = torch.compile(model.hidden, dynamic=True, backend=backend)
-    model.compiled_decode = torch.compile(decode_and_sample, dynamic=True, backend=backend,
+    # Automatic dynamic shapes: a first graph for the first shapes, then one where only the dims that
+    # changed (rows, lengths) are symbolic; head counts and sizes stay static, so no duck-sizing guards.
+    model.hidden = torch.compile(model.hidden, backend=backend)
+    model.compiled_decode = torch.compile(decode_and_sample, backend=backend,
                                           mode="reduce-overhead" if cuda and backend == "inductor" else None)
     if cuda and KVCache.pool is None:
         KVCache.pool = {}
@@ -172,12 +174,9 @@ def matches_stop_string(ids: list[int], stop_strings, decode) -> bool:
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0,
-             top_p=1.0, stop_ids=(), stop_strings=(), decode=None, generator=None, row_slice=None) -> Generation:
+             top_p=1.0, stop_ids=(), stop_strings=(), decode=None, generator=None) -> Generation:
     """Sample `num_samples` continuations of each prompt; rows are grouped by prompt (row = p*K + s).
-
-    row_slice=(offset, total): these rows are rows offset.. of a larger batch of `total` rows sampled
-    with the same generator elsewhere (data-parallel ranks), so each rank draws the same numbers a
-    single process sampling all `total` rows would. Run it inside the caller's autocast for bf16."""
+    Run it inside the caller's autocast for bf16-mixed (one autocast region: each weight is cast once)."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     if stop_strings and decode is None:
@@ -196,10 +195,9 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
     rows = len(prompts) * num_samples
     if num_samples > 1:  # (n, ...) → (n·K, ...): row p*K + s continues prompt p
         cache.repeat_rows(num_samples)
-        logits = logits.repeat_interleave(num_samples, dim=0)
-        key_valid = key_valid.repeat_interleave(num_samples, dim=0)
+        repeat = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
+        logits, key_valid = logits[repeat], key_valid[repeat]  # copies: a view's base would be guarded on
 
-    offset, total_rows = row_slice or (0, rows)
     temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)  # one compiled graph per kind
     step_fn = getattr(model, "compiled_decode", None) or decode_and_sample
     graphs = step_fn is not decode_and_sample and device.type == "cuda"
@@ -212,7 +210,7 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
     stop_set, check = set(stop_ids), bool(stop_ids or stop_strings)
     pos = torch.full((), P, device=device)
     for step in range(max_new_tokens):
-        u = uniforms(total_rows, generator)[offset:offset + rows].to(device)[slot_row] if temperature > 0 else None
+        u = uniforms(rows, generator).to(device)[slot_row] if temperature > 0 else None
         if step == 0:
             token, logp = sample_next(logits, temperature, top_k, top_p, u=u)
         else:
@@ -281,15 +279,19 @@ DEFAULTS = dict(
 
 
 def main():
-    from cli import parse_args, print_config, resolve_device, resolve_precision
+    from checkpoint import check_finite
+    from cli import check_ranges, parse_args, print_config, resolve_device, resolve_precision
     from model import Transformer
     from tokenizer import Tokenizer
 
     cfg = parse_args(DEFAULTS)
     print_config(cfg)
+    check_ranges(cfg, max_new_tokens=(cfg.max_new_tokens >= 1, "≥ 1"), temperature=(cfg.temperature >= 0, "≥ 0"),
+                 num_samples=(cfg.num_samples >= 1, "≥ 1"), top_p=(0 < cfg.top_p <= 1, "in (0, 1]"))
     device = resolve_device(cfg["device"])
     weight_dtype, autocast = resolve_precision(cfg["dtype"], device)
     model = Transformer.from_pretrained(cfg["model_dir"], dtype=weight_dtype, device=device).eval()
+    check_finite(model, cfg.model_dir)  # NaN weights would print garbage and exit 0
     if cfg["compile"]:
         compile_model(model)
     tok = Tokenizer.from_pretrained(cfg["model_dir"])

@@ -1,13 +1,11 @@
 """SentencePiece-style BPE, exact to Hugging Face `tokenizers`: the tokenizer.json of Mistral 7B v0.1-v0.3
-(and Llama 2), which tiktoken cannot run (merges over characters, not bytes; no regex split; merge
-ranks per pair, not per token). tokenizer.py uses `SentencePieceBPE` in place of a tiktoken.Encoding.
-
-Hugging Face writes these files as BPE over characters: each space becomes "▁" (SPACE), one "▁" goes
-in front of the text, a character missing from the vocabulary falls back to one "<0xHH>" token per
-UTF-8 byte, and merges are ranked per pair, in `merges` order.
+(and Llama 2), which tiktoken cannot run: BPE over characters, each space written "▁" (SPACE), a character
+missing from the vocabulary falling back to one "<0xHH>" token per UTF-8 byte, merges ranked per pair in
+`merges` order, no regex split. tokenizer.py uses `SentencePieceBPE` in place of a tiktoken.Encoding.
 Left out: Unigram models, BPE dropout, other normalizers.
 """
 import heapq
+import itertools
 import json
 import re
 
@@ -16,14 +14,11 @@ SPACE = "\u2581"  # SentencePiece's visible space
 
 
 def _text_model(path, d):
-    """How the file turns text into what BPE sees: (prefix, split). prefix says which pieces of
-    text (the stretches between special tokens) get a "▁" in front:
-      'each'    every piece: normalizer Prepend "▁" + Replace " " -> "▁" (Llama 2's file; what
-                SentencePiece itself does)
-      'first'   the first piece only, when it does not start with a space: Metaspace pre-tokenizer with
-                prepend_scheme=first (the Mistral files on the Hub now, so " hi" gets one "▁", not two)
-      'always'  every piece that does not start with a space;  'never'  none (Replace alone).
-    split: Metaspace split=true merges each "▁"-started word on its own."""
+    """How the file turns text into what BPE sees: (prefix, split). prefix: which pieces of text (between
+    special tokens) get a "▁" in front: 'each' every one (normalizer Prepend "▁" + Replace " " -> "▁": Llama 2's
+    file, SentencePiece itself); 'first' the first only, unless it starts with a space (Metaspace with
+    prepend_scheme=first: the Mistral files on the Hub now, so " hi" gets one "▁", not two); 'always' every
+    one not starting with a space; 'never' none (Replace alone). split: Metaspace merges each "▁"-word alone."""
     norm, pre = d.get("normalizer"), d.get("pre_tokenizer")
     steps = norm.get("normalizers", []) if norm and norm.get("type") == "Sequence" else [norm] if norm else []
     replace = {"type": "Replace", "pattern": {"String": " "}, "content": SPACE}
@@ -34,15 +29,12 @@ def _text_model(path, d):
     if not steps and (pre or {}).get("type") == "Metaspace" and pre.get("replacement") == SPACE:
         scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
         return scheme, pre.get("split", True)
-    raise ValueError(f"{path}: unsupported text model for SentencePiece-style BPE: normalizer "
-                     f"{json.dumps(norm, ensure_ascii=False)[:120]}, pre_tokenizer "
-                     f"{json.dumps(pre, ensure_ascii=False)[:120]}; supported: Prepend "
-                     "'▁' + Replace ' '->'▁', Replace alone, or a Metaspace('▁') pre-tokenizer")
+    raise ValueError(f"{path}: unsupported text model for SentencePiece-style BPE: normalizer {str(norm)[:120]}, "
+                     f"pre_tokenizer {str(pre)[:120]}; supported: Prepend + Replace, Replace, Metaspace")
 
 
 def _decoder_strips(decoder):
-    """How many leading spaces the decoder drops (Strip(' ', start=1) in Mistral's file: the space the
-    "▁" put in front became)."""
+    """How many leading spaces the decoder drops (Strip(' ', start=1) in Mistral's file: the "▁" put in front)."""
     steps = (decoder or {}).get("decoders", [decoder]) if decoder else []
     for s in steps:
         if s.get("type") == "Strip" and s.get("content") == " ":
@@ -53,16 +45,13 @@ def _decoder_strips(decoder):
 
 
 class SentencePieceBPE:
-    """One such tokenizer.json, with the three methods Tokenizer uses on a tiktoken.Encoding
-    (encode_ordinary, encode with the special tokens parsed, decode), each exact to HF `tokenizers`:
-    - symbols: one per character, its vocab id, else its UTF-8 bytes as "<0xHH>" ids (byte fallback),
-      else <unk>; then merge, repeatedly, the adjacent pair listed first in `merges` (ties: leftmost).
-    - speed: the text is cut before each "▁" that follows another character, and each word is merged
-      on its own, with a cache. No id changes when no merge result has a character other than "▁"
-      right before a "▁" (true for Mistral and Llama 2; checked at load, else no cut): no merge can
-      join across a cut, so each side takes the same merges, in the same order, as it would alone.
-    - decode: "▁" back to spaces, each run of byte tokens to UTF-8 (one U+FFFD per byte if it is not
-      valid UTF-8), then the decoder's Strip drops the first space (" hi" -> "▁hi" -> "hi")."""
+    """One such tokenizer.json, with the methods Tokenizer uses on a tiktoken.Encoding (encode_ordinary,
+    encode with the special tokens parsed, decode), each exact to HF `tokenizers`:
+    - symbols: one per character, its vocab id, else its bytes' "<0xHH>" ids, else <unk>; then merge,
+      repeatedly, the adjacent pair listed first in `merges` (ties: leftmost).
+    - speed: the text is cut before each "▁" that follows another character and each word merged on its
+      own, with a cache. No id changes when no merge result has a character other than "▁" right before
+      a "▁" (true for Mistral and Llama 2; checked at load, else no cut): no merge can join across a cut."""
 
     def __init__(self, path, d):
         model = d["model"]
@@ -85,15 +74,12 @@ class SentencePieceBPE:
                 raise ValueError(f"{path}: merge #{rank} ({a!r} + {b!r}): a string not in the vocab")
             self._merges[vocab[a] * n + vocab[b]] = rank << 20 | vocab[a + b]
             results.add(a + b)
-        fallback = model.get("byte_fallback")
-        self._byte_ids = [vocab.get(f"<0x{b:02X}>") if fallback else None for b in range(256)]
+        self._byte_ids = [vocab.get(f"<0x{b:02X}>") if model.get("byte_fallback") else None for b in range(256)]
         self._unk, self._fuse_unk = vocab.get(model.get("unk_token") or ""), model.get("fuse_unk", False)
-        self._text, self._byte_of = [""] * n, {}  # id -> text for decode; byte-fallback id -> byte
-        for s, i in [*vocab.items(), *self.specials.items()]:
-            if re.fullmatch("<0x[0-9A-Fa-f]{2}>", s):
-                self._byte_of[i] = int(s[3:5], 16)
-            else:
-                self._text[i] = s.replace(SPACE, " ")
+        self._text, tokens = [""] * n, [*vocab.items(), *self.specials.items()]  # for decode: id -> text, or byte
+        for s, i in tokens:
+            self._text[i] = s.replace(SPACE, " ")
+        self._byte_of = {i: int(s[3:5], 16) for s, i in tokens if re.fullmatch("<0x[0-9A-Fa-f]{2}>", s)}
         self._strip = _decoder_strips(d.get("decoder"))
         cuttable = SPACE in vocab and not any(x != SPACE and y == SPACE for r in results for x, y in zip(r, r[1:]))
         words = f"{SPACE}[^{SPACE}]*|[^{SPACE}]+" if split else f"{SPACE}*[^{SPACE}]+|{SPACE}+"
@@ -102,10 +88,9 @@ class SentencePieceBPE:
         self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
 
     def encode_ordinary(self, text):
-        return self._piece(_valid_utf8(text), at_start=True)
+        return self._piece(text, at_start=True)
 
     def encode(self, text, allowed_special="all"):  # always "all": Tokenizer.encode asks for nothing else
-        text = _valid_utf8(text)
         parts = self._special_re.split(text) if self._special_re else [text]
         ids = []
         for k, part in enumerate(parts):  # re.split puts the special tokens at odd positions
@@ -113,14 +98,12 @@ class SentencePieceBPE:
         return ids
 
     def encode_continuation(self, text):
-        """Text that continues a sequence (after a control token, in encode_chat): no "▁" in front,
-        whatever the file says, as Mistral's own tokenizer encodes each message."""
-        return self._piece(_valid_utf8(text), at_start=None)
+        """Text continuing a sequence (after a control token; an answer): no "▁" in front, whatever the file says."""
+        return self._piece(text, at_start=None)
 
     def _piece(self, text, at_start):
-        """Ids of text between special tokens; at_start: it begins the input (for 'first'); None:
-        put no "▁" in front."""
-        text = text.replace(" ", SPACE)
+        """Ids of text between special tokens; at_start: it begins the input (for 'first'); None: no "▁" in front."""
+        text = _valid_utf8(text).replace(" ", SPACE)
         if text and at_start is not None and (self.prefix == "each" or not text.startswith(SPACE) and (
                 self.prefix == "always" or self.prefix == "first" and at_start)):
             text = SPACE + text
@@ -141,21 +124,17 @@ class SentencePieceBPE:
         unknown characters is one <unk> when fuse_unk), else nothing (HF drops it)."""
         out, vocab, byte_ids = [], self._vocab, self._byte_ids
         for ch in word:
-            i = vocab.get(ch)
-            if i is not None:
-                out.append(i)
-                continue
-            fallback = [byte_ids[b] for b in ch.encode()]
-            if None not in fallback:
-                out += fallback
+            ids = [vocab[ch]] if ch in vocab else [byte_ids[b] for b in ch.encode()]
+            if None not in ids:
+                out += ids
             elif self._unk is not None and not (self._fuse_unk and out and out[-1] == self._unk):
                 out.append(self._unk)
         return out
 
     def _bpe(self, ids):
-        """Merge the adjacent pair with the lowest rank (leftmost on ties) until none has a merge. A
-        heap holds (merge, position) for each pair when it forms; one whose pair has changed since is
-        skipped when popped. nxt/prv link the symbols still alive (-1 marks a merged-away one)."""
+        """Merge the lowest-ranked adjacent pair (leftmost on ties) until none has a merge. A heap holds (merge,
+        position) for each pair as it forms, skipped when popped if the pair has changed since; nxt/prv link the
+        symbols still alive (-1 marks a merged-away one)."""
         merges, n, size = self._merges, self._n, len(ids)
         nxt, prv = list(range(1, size + 1)), list(range(-1, size - 1))
         heap = [(merges[ids[i] * n + ids[i + 1]], i) for i in range(size - 1) if ids[i] * n + ids[i + 1] in merges]
@@ -174,21 +153,18 @@ class SentencePieceBPE:
                     heapq.heappush(heap, (m, a))
         return [i for i in ids if i >= 0]
 
-    def decode(self, ids, errors="replace"):  # errors: tiktoken's signature; HF's rule applies (above)
-        parts, run = [], bytearray()
-        for i in [*ids, None]:
-            b = self._byte_of.get(i)
-            if b is not None:
-                run.append(b)
-                continue
-            if run:  # HF's ByteFallback: the run's text if it is UTF-8, else one U+FFFD per byte
+    def decode(self, ids, errors="replace"):  # errors: tiktoken's signature; HF's rules apply
+        """Ids -> text: "▁" back to spaces, runs of byte tokens to UTF-8, the decoder's Strip ("▁hi" -> "hi")."""
+        parts = []
+        for is_byte, run in itertools.groupby(ids, key=self._byte_of.__contains__):
+            if is_byte:  # HF's ByteFallback: the run's text if it is valid UTF-8, else one U+FFFD per byte
+                raw = bytes(self._byte_of[i] for i in run)
                 try:
-                    parts.append(run.decode("utf-8"))
+                    parts.append(raw.decode("utf-8"))
                 except UnicodeDecodeError:
-                    parts.append("\ufffd" * len(run))
-                run = bytearray()
-            if i is not None:
-                parts.append(self._text[i])
+                    parts.append("\ufffd" * len(raw))
+            else:
+                parts += (self._text[i] for i in run)
         text = "".join(parts)
         return text[min(self._strip, len(text) - len(text.lstrip(" "))):]
 

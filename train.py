@@ -4,15 +4,11 @@
     python train.py --preset=smoke --out_dir=DIR     # the same in about a minute
     python train.py --model_dir=DIR --data=FILE.jsonl --aggregation=gm --lr=1e-6 ...
 
-One step, read top-down in `nrt_step` (names as in NRT.md):
-  1. rollout      K traces z_k per question from the KV-cached sampler (temperature 1), each ending at
-                  the end-of-thinking delimiter or after max_think_tokens;
-  2. score ∅      log c_i^∅ of the empty trace, no grad: the baseline R(∅) and the ws_* weights;
-  3. forward      ONE teacher-forced forward of prompt ‖ z_k ‖ delimiter ‖ y* gives both the traces'
-                  log c_{i,k} (detached: the rewards) and the log-probs the loss differentiates;
-  4. advantages   R_k = f(c_k), R'_k = max(0, R_k − R(∅)) (optional), A_k = group-normalised R'_k;
-  5. loss+update  − Σ_{t∈z} A_k·w_IS·log π(t) + 0.3·NLL(delimiter | not emitted) − Σ_i s_i·log c_{i,k}
-                  over a constant token count, then AdamW with warm-up, cosine decay and grad clipping.
+One step, read top-down in `nrt_step` (names as in NRT.md): 1. rollout: K traces per question from the
+KV-cached sampler; 2. score ∅: log c^∅ of the empty trace, no grad (R(∅) and the ws_* weights); 3. ONE
+teacher-forced forward of prompt ‖ z_k ‖ delimiter ‖ y* gives both log c_{i,k} (detached: the rewards) and
+the log-probs the loss differentiates; 4. advantages: R_k = f(c_k), R'_k = max(0, R_k − R(∅)), A_k = group-
+normalised R'_k; 5. loss = policy gradient + 0.3·format + answer NLL over a constant token count; AdamW.
 
 Simplifications, stated:
   1. Each question's K traces are one micro-batch; gradients accumulate over the step's questions.
@@ -38,7 +34,8 @@ from data import INSTRUCTION, THINK_END, answer_ids, check_delimiter, delimiter_
 from eval import heldout_eval
 from parallel import all_reduce_grads, any_rank, barrier, finish_distributed, init_distributed, stop_on_signals
 from reward import (AGGREGATIONS, aggregate, clip_to_baseline, group_normalise, hard_tokens, sample_traces,
-                    score_answers, score_empty_traces, token_weights)
+                    score_answers, score_empty_traces, score_traces, token_weights)
+from sample import compile_model
 
 DEFAULTS = dict(
     # model and data
@@ -132,7 +129,7 @@ def nrt_step(model, optimizer, tok, delim, questions, cfg, amp, seed, world=1):
         logc_empty = score_empty_traces(model, [(g.prompt, g.answer) for g in groups], delim)
         # With several updates per rollout, the later ones see a changed policy: keep the rollout
         # policy's log-probs (importance weights) and rewards, scored now, before the first update.
-        frozen = [score_before_update(model, g, delim) for g in groups] if cfg.minibatches > 1 else [None] * len(groups)
+        frozen = [score_traces(model, g.rows(), delim) for g in groups] if cfg.minibatches > 1 else [None] * len(groups)
     t2 = time.time()
     # 3–5. Per mini-batch: one forward per question gives rewards and loss; backward; all-reduce; AdamW.
     model.train()
@@ -166,13 +163,6 @@ def rollout(model, tok, questions, cfg, seed):
     return groups
 
 
-@torch.no_grad()
-def score_before_update(model, g, delim):
-    """(log c (K, T), log-probs (K, L)) of a group's traces under the policy that sampled them."""
-    _, logprobs, logc, _ = score_answers(model, g.rows(), delim, trace_too=True)
-    return logc, logprobs
-
-
 @dataclass(frozen=True)
 class Result:
     """What one question's update computed: rewards, advantages, and its loss terms (already normalised)."""
@@ -198,10 +188,13 @@ def train_on_group(model, g, logc_empty, frozen, delim, cfg, amp, norm):
     R, R_empty, A, zero_std = advantages(logc_reward, logc_empty, mask, cfg)
     # 5. The loss terms, summed over the group and divided by the constant token count; backward.
     terms, clipped = nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, old_logprobs)
-    coef = dict(policy=1.0, format=cfg.format_loss_coef, answer_nll=cfg.token_loss_coef)
-    (sum(coef[k] * v for k, v in terms.items()) / norm).backward()
+    (total_loss(terms, cfg) / norm).backward()
     return Result(logc_reward, logc_empty, R, R_empty, A, bool(zero_std), {k: v.item() / norm for k, v in terms.items()},
                   clipped)
+
+
+def total_loss(terms, cfg):
+    return terms["policy"] + cfg.format_loss_coef * terms["format"] + cfg.token_loss_coef * terms["answer_nll"]
 
 
 def advantages(logc, logc_empty, mask, cfg):
@@ -292,8 +285,7 @@ def step_log(groups, results, grad_norms, times, cfg):
     cat = lambda xs: torch.cat([x.float().flatten().cpu() for x in xs])  # noqa: E731
     R, lens = cat(r.R for r in results), torch.tensor([len(z) for g in groups for z in g.traces], dtype=torch.float)
     terms = {k: sum(r.terms[k] for r in results) / cfg.minibatches for k in results[0].terms}
-    coef = {"policy": 1.0, "format": cfg.format_loss_coef, "answer_nll": cfg.token_loss_coef}
-    log = {"loss": sum(coef[k] * v for k, v in terms.items()), **{f"loss/{k}": v for k, v in terms.items()},
+    log = {"loss": total_loss(terms, cfg), **{f"loss/{k}": v for k, v in terms.items()},
            "grad_norm": sum(grad_norms) / len(grad_norms),
            "reward": R.mean().item(), "reward_std": R.std(unbiased=False).item(),
            "frac_reward_zero_std": sum(r.zero_std for r in results) / len(results),
@@ -367,8 +359,8 @@ def main(argv=None):
         print(f"{f'resumed from {cfg.out_dir} at step {start}; ' if start else ''}{len(rows)} training questions; "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters on {device} × {world}, "
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained", flush=True)
-    if cfg.compile:
-        model.hidden = torch.compile(model.hidden, dynamic=True)  # the module itself stays uncompiled: clean names
+    if cfg.compile:  # training forward, prefill and decode step (sample.py); parameter names stay clean
+        compile_model(model)
     before = heldout_eval(model, tok, cfg, amp, "before") if rank == 0 and start == 0 else None
     if before:
         append_log(cfg, dict(eval="before", step=start, **before))

@@ -16,7 +16,7 @@ import train
 from cli import Config
 from data import answer_ids, delimiter_ids, prompt_ids
 from model import Transformer, token_logprobs
-from reward import answer_logc, build_batch, score_answers, score_empty_traces
+from reward import answer_logc, build_batch, score_answers, score_empty_traces, score_traces
 from sample import generate
 
 NO_AMP = contextlib.nullcontext  # the precision policy's autocast factory for float32
@@ -381,7 +381,7 @@ def test_minibatches_one_rollout_four_updates_unit_importance_weight_first():
     cfg = step_cfg(minibatches=4, questions_per_step=4)
     delim = [2]
     g = train.rollout(model, TOK, questions[:1], cfg, 1)[0]
-    logc_old, old = train.score_before_update(model, g, delim)
+    logc_old, old = score_traces(model, g.rows(), delim)
     batch, lp, logc, _ = score_answers(model, g.rows(), delim, trace_too=True)  # the first update's forward
     ratio = (lp - old).exp()[batch.trace_mask]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-6, rtol=0)
@@ -400,7 +400,7 @@ def test_off_policy_update_with_emitted_traces_shorter_than_the_delimiter():
     delim = [4 + CharTokenizer.CHARS.index("#")] * 2  # the text delimiter "##" encodes as two tokens
     g = train.Group(dict(question="q", answer="a"), [3, 50, 51], [60, 1], [[100], [100]], [True, True], [[-1.0]] * 2)
     logc_empty = score_empty_traces(model, [(g.prompt, g.answer)], delim)[0]
-    r = train.train_on_group(model, g, logc_empty, train.score_before_update(model, g, delim), delim, cfg, NO_AMP, 8)
+    r = train.train_on_group(model, g, logc_empty, score_traces(model, g.rows(), delim), delim, cfg, NO_AMP, 8)
     assert all(math.isfinite(v) for v in r.terms.values())
 
 
