@@ -76,7 +76,9 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
                 for ours, hf in names:
                     t, want = f.get_tensor(hf), tuple(params[ours].shape)
                     if tuple(t.shape) != want:
-                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} (config.json)")
+                        hint = ("; config.json has no num_key_value_heads, so it was taken to equal num_attention_heads"
+                                if "k_proj" in hf and "num_key_value_heads" not in cfg.hf else "")
+                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} (config.json){hint}")
                     params[ours].copy_(t)
         except Exception as e:  # a truncated file, a wrong shape: name the file
             raise ValueError(f"{file}: {e}") from None

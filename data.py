@@ -175,3 +175,14 @@ def is_correct(prediction: str, row: dict) -> bool:
     if all(r in YES_NO for r in refs) and pred.split()[:1] and pred.split()[0] in YES_NO:
         pred = pred.split()[0]
     return pred in refs
+
+
+def step_questions(rows, step, B, seed):
+    """Questions for `step`: consecutive slices of a per-epoch shuffle, a pure function of (seed, step)."""
+    import torch  # its generator gives the same order on every platform
+    out = []
+    for i in range(step * B, (step + 1) * B):
+        epoch, pos = divmod(i, len(rows))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+        out.append(rows[order[pos]])
+    return out

@@ -1,7 +1,6 @@
 """Native Reasoning Training (NRT) on question–answer pairs, on one CPU or GPU. The method: NRT.md.
 
     python train.py                                  # the default: SmolLM2-135M on arithmetic + counting, CPU
-    python train.py --preset=smoke --out_dir=DIR     # the same in about a minute
     python train.py --model_dir=DIR --data=FILE.jsonl --aggregation=gm --lr=1e-6 ...
 
 One step, read top-down in `nrt_step` (names as in NRT.md): 1. rollout: K traces per question from the
@@ -16,8 +15,8 @@ Simplifications, stated:
   3. A trace that ends its turn (EOS) before the delimiter counts as truncated: EOS dropped, delimiter appended.
   4. All randomness of step s derives from (seed, s, rank), so --resume needs no RNG state.
 The loss hovers near 0 by construction (advantages have zero mean): watch `reward`, not `loss`.
-Off the core path: --minibatches=M splits a rollout into M updates with clipped importance weights (the
-released recipe); torchrun = data parallel (parallel.py); --lora_rank (lora.py); --dry_run (memory.py).
+Off the core path: --minibatches (one rollout, M updates, clipped importance weights: the released recipe),
+torchrun (data parallel, parallel.py), --lora_rank (lora.py), --dry_run (memory.py), --compile (sample.py).
 Left out: value functions, KL penalties, entropy bonuses, sharded optimizers.
 """
 import importlib.util
@@ -30,7 +29,8 @@ import torch
 
 from checkpoint import append_log, load_config, load_for_training, prepare_out_dir, save_checkpoint
 from cli import check_training_flags, parse_args, print_config, resolve_device, resolve_precision
-from data import INSTRUCTION, THINK_END, answer_ids, check_delimiter, delimiter_ids, prompt_ids, training_rows
+from data import (INSTRUCTION, THINK_END, answer_ids, check_delimiter, delimiter_ids, prompt_ids, step_questions,
+                  training_rows)
 from eval import heldout_eval
 from parallel import all_reduce_grads, any_rank, barrier, finish_distributed, init_distributed, stop_on_signals
 from reward import (AGGREGATIONS, aggregate, clip_to_baseline, group_normalise, hard_tokens, sample_traces,
@@ -268,16 +268,6 @@ def lr_at(step, cfg):
     return cfg.lr * (cfg.min_lr_frac + (1 - cfg.min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def step_questions(rows, step, B, seed):
-    """Questions for `step`: consecutive slices of a per-epoch shuffle, a pure function of (seed, step)."""
-    out = []
-    for i in range(step * B, (step + 1) * B):
-        epoch, pos = divmod(i, len(rows))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(rows[order[pos]])
-    return out
-
-
 # ---- logging: TRL's names where TRL logs the same quantity, nrt/… for what is NRT's own ----
 
 def step_log(groups, results, grad_norms, times, cfg):
@@ -302,12 +292,10 @@ def step_log(groups, results, grad_norms, times, cfg):
     return {**log, **times, "tokens_per_s": n_tokens / max(sum(times.values()), 1e-9)}
 
 
-CONSOLE = ("reward", "nrt/reward_empty", "frac_reward_zero_std", "completions/mean_length", "entropy",
-           "nrt/frac_delimiter", "nrt/answer_logprob", "loss", "grad_norm")
-
-
 def print_step(log, cfg, elapsed, done, todo):
-    parts = " ".join(f"{k} {log[k]:.3g}" for k in CONSOLE if k in log)
+    console = ("reward", "nrt/reward_empty", "frac_reward_zero_std", "completions/mean_length", "entropy",
+               "nrt/frac_delimiter", "nrt/answer_logprob", "loss", "grad_norm")
+    parts = " ".join(f"{k} {log[k]:.3g}" for k in console if k in log)
     times = " ".join(f"{k[5:]} {v:.1f}s" for k, v in log.items() if k.startswith("time/"))
     print(f"step {log['step']}/{cfg.steps} {parts} learning_rate {log['learning_rate']:.2e} | {times} "
           f"| ETA {elapsed / max(done, 1) * todo / 60:.1f} min", flush=True)

@@ -196,6 +196,10 @@ def test_non_finite_weights_are_refused_at_load_and_never_saved(tiny_setup, tmp_
     assert str(broken) in message and "1 non-finite values (NaN or inf) in layers.0.attn.wq.weight" in message
     with pytest.raises(SystemExit, match="the weights at step 3: 1 non-finite"):
         checkpoint.save_checkpoint(model, None, 3, Config(out_dir=str(tmp_path / "x")))
+    for script, args in (("eval.py", ["--think=False", f"--out={tmp_path / 'e.jsonl'}"]), ("sample.py", [])):
+        run = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--model_dir={broken}", "--device=cpu",
+                              *args], capture_output=True, text=True, timeout=120)
+        assert run.returncode != 0 and "non-finite values (NaN or inf)" in run.stderr, (script, run.stderr[-500:])
     with pytest.raises(SystemExit, match="my.ckpt: the weights are finite but give non-finite logits"):
         huge = tiny_model()
         with torch.no_grad():
@@ -330,3 +334,22 @@ def test_sigterm_saves_and_exits_143_then_resumes(tiny_setup, tmp_path):
     resumed = run_train(tiny_setup, out, f"--steps={step + 1}", "--resume=True")
     assert resumed.returncode == 0 and f"resumed from {out} at step {step}" in resumed.stdout, resumed.stderr[-2000:]
     assert [r["step"] for r in read_log(out)] == list(range(1, step + 2))
+
+
+@pytest.mark.parametrize("flag, message", [("--max_new_tokens=-1", "--max_new_tokens=-1: must be ≥ 1"),
+                                           ("--temperature=-0.5", "--temperature=-0.5: must be ≥ 0"),
+                                           ("--top_p=0", "--top_p=0.0: must be in (0, 1]")])
+def test_sample_py_checks_its_flags_before_loading(flag, message):
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--model_dir=/nonexistent", flag],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode != 0 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_config_without_kv_heads_says_so_when_the_shapes_disagree(tmp_path):
+    model = tiny_model()  # 4 query heads, 2 KV heads
+    model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="k_proj.*config.json has no num_key_value_heads"):
+        Transformer.from_pretrained(tmp_path)
