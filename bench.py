@@ -14,6 +14,7 @@ the --dtype precision (cli.resolve_precision: weights in its dtype, every run in
   on the same weights and settings. ours_vs_hf_b1/b8 divide our fastest decode (eager or compiled).
 """
 import json
+import os
 import resource
 import sys
 import time
@@ -110,6 +111,13 @@ def main():
         seconds, _ = timed(lambda: token_logprobs(model, seq, mask), cfg["repeats"])
     results["score_tok_s"] = seq.numel() / seconds
     print(f"scoring {cfg['score_rows']}x{cfg['score_len']} tokens (no grad): {results['score_tok_s']:.0f} tok/s")
+    from tokenizer import Tokenizer  # encode speed: 1 MB of this project's own prose and code
+    tok, here = Tokenizer.from_pretrained(cfg["model_dir"]), os.path.dirname(os.path.abspath(__file__))
+    text = "".join(open(os.path.join(here, f), encoding="utf-8").read() for f in ("README.md", "NRT.md", "train.py"))
+    text = (text * (1 + 10**6 // len(text)))[:10**6]
+    seconds, ids = timed(lambda: tok.encode(text), 2)
+    results["tokenizer_encode_mb_s"] = len(text.encode()) / 1e6 / seconds
+    print(f"tokenizer encode 1 MB: {results['tokenizer_encode_mb_s']:.1f} MB/s ({len(ids)} tokens)")
 
     if cfg["compile"]:
         compile_model(model)

@@ -18,7 +18,6 @@ import importlib.util
 import json
 import os
 import random
-import time
 
 import pytest
 import torch
@@ -213,26 +212,13 @@ def test_matches_sentencepiece_itself(mistral):
         assert mistral.encode(text) == sp.encode(text), repr(text[:80])
 
 
-def test_encode_speed(mistral, request):
-    """Printed, not asserted: 1 MB of mixed text, Mistral's BPE (cold cache, warm) next to tiktoken."""
+def test_one_megabyte_of_mixed_text_round_trips(mistral):
+    """1 MB of mixed text through Mistral's BPE, cold cache and warm: decode(encode(x)) == x, and the
+    warm cache gives the same ids (encode speed is bench.py's business, not a test's)."""
     text = sample_text()
-    mb = len(text.encode()) / 1e6
-    rows = [("mistral (cold)", mistral, True), ("mistral (warm)", mistral, False)]
-    for name in ("smol", "llama3"):
-        try:
-            rows.append((name, request.getfixturevalue(name), False))
-        except pytest.skip.Exception:
-            pass
-    for name, tok, cold in rows:
-        if cold:
-            tok._enc._cache.clear()
-        t0 = time.perf_counter()
-        ids = tok.encode(text)
-        dt = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        assert tok.decode(ids) == text
-        print(f"\n{name}: encode {mb:.2f} MB -> {len(ids)} tokens in {dt:.3f} s ({mb / dt:.1f} MB/s); "
-              f"decode {time.perf_counter() - t0:.3f} s", end="")
+    mistral._enc._cache.clear()
+    ids = mistral.encode(text)
+    assert mistral.decode(ids) == text and mistral.encode(text) == ids
 
 
 def test_tiny_sentencepiece_file_against_hf(tmp_path):

@@ -45,13 +45,18 @@ def test_sharded_round_trip_and_no_stale_files(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_bf16_load_keeps_fp32_rope(tmp_path):
-    tiny_model().save_pretrained(tmp_path)
+def test_bf16_load_keeps_fp32_rope_and_stays_close_to_fp32(tmp_path):
+    """A regression guard: RoPE angles rounded to bf16 (a buffer cast with the weights) drift at long
+    positions; the bf16 model must stay within bf16 noise of the fp32 one."""
+    reference = tiny_model()
+    reference.save_pretrained(tmp_path)
     model = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.inv_freq.dtype == torch.float32
+    x = torch.randint(0, 101, (1, 64))
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randint(0, 101, (1, 8))).float()).all()
+        diff = (model(x).float().log_softmax(-1) - reference(x).log_softmax(-1)).abs()
+    assert diff.mean() < 0.05, diff.mean()
 
 
 def test_matches_huggingface_transformers(tmp_path):
