@@ -14,7 +14,6 @@ import json
 import math
 import os
 import shutil
-import time
 
 import torch
 
@@ -78,7 +77,8 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
                     if tuple(t.shape) != want:
                         hint = ("; config.json has no num_key_value_heads, so it was taken to equal num_attention_heads"
                                 if "k_proj" in hf and "num_key_value_heads" not in cfg.hf else "")
-                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} (config.json){hint}")
+                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} "
+                                         f"(config.json){hint}")
                     params[ours].copy_(t)
         except Exception as e:  # a truncated file, a wrong shape: name the file
             raise ValueError(f"{file}: {e}") from None
@@ -262,30 +262,32 @@ def truncate_log(path, step):
 
 
 def take_lock(out):
-    """out_dir/.nrt.lock, created exclusively, holds our pid until exit: a live holder is an error; the lock of
-    a dead one (kill -9 leaves it) is taken over, as is an empty one older than 10 s (a crash before its pid)."""
-    path = os.path.join(out, LOCK)
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+    """out_dir/.nrt.lock holds our pid until exit. It is made by hard-linking a file that already holds the
+    pid (atomic and exclusive: no half-written lock); a live holder is an error, a dead one's lock (kill -9
+    leaves it) or an unreadable one is taken over."""
+    path, mine = os.path.join(out, LOCK), os.path.join(out, f"{LOCK}.{os.getpid()}")
+    with open(mine, "w") as f:
+        f.write(f"{os.getpid()}\n")
+    try:
+        for _ in range(3):
             try:
-                with open(path) as f:
-                    text = f.read().strip()
-                age = time.time() - os.path.getmtime(path)
-            except FileNotFoundError:
-                continue  # released meanwhile
-            pid = int(text) if text.isdigit() else None
-            if (pid is None and age < 10) or (pid is not None and pid != os.getpid() and _alive(pid)):
-                raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid or 'starting'}; lock file "
-                                 f"{path})")
-            os.remove(path)
-            continue
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        atexit.register(_release_lock, path, os.getpid())
-        return
-    raise SystemExit(f"--out_dir={out}: could not take the lock {path}")
+                os.link(mine, path)
+                atexit.register(_release_lock, path, os.getpid())
+                return
+            except FileExistsError:
+                try:
+                    with open(path) as f:
+                        pid = int(f.read())
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                except ValueError:
+                    pid = None
+                if pid is not None and pid != os.getpid() and _alive(pid):
+                    raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid}; lock file {path})")
+                os.remove(path)
+        raise SystemExit(f"--out_dir={out}: could not take the lock {path}")
+    finally:
+        os.remove(mine)
 
 
 def _alive(pid):
