@@ -149,6 +149,48 @@ def _fsync(path):
         os.close(fd)
 
 
+def extend_tokenizer(model_dir, name):
+    """A temp folder holding model_dir's tokenizer files with `name` added as a special token, id n_vocab (the
+    released recipe's delimiter <|response_start|>); read it with Tokenizer.from_pretrained, save it with the model."""
+    import tempfile
+    file = os.path.join(model_dir, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise SystemExit(f"--new_delimiter_token: {model_dir} has no tokenizer.json to add {name!r} to "
+                         f"(tekken.json and tokenizer.model are not extended)")
+    from tokenizer import Tokenizer
+    new_id, folder = Tokenizer.from_pretrained(model_dir).n_vocab, tempfile.mkdtemp(prefix="nrt_tokenizer_")
+    atexit.register(shutil.rmtree, folder, True)
+    token = dict(content=name, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+    for n in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, n))]:
+        with open(os.path.join(model_dir, n), "rb") as f:
+            data = f.read()
+        if n in ("tokenizer.json", "tokenizer_config.json"):  # the two files transformers reads added tokens from
+            data = json.loads(data)
+            if n == "tokenizer.json":
+                data["added_tokens"] = [*data.get("added_tokens", []), dict(id=new_id, **token)]
+            else:
+                data["added_tokens_decoder"] = {**data.get("added_tokens_decoder", {}), str(new_id): token}
+        atomic_write(os.path.join(folder, n), data)
+    return folder
+
+
+@torch.no_grad()
+def init_token_row(model, new_id, source_id):
+    """Give token `new_id` the embedding (and untied lm_head row) of `source_id`, growing the vocabulary if needed:
+    the logits of every old token are unchanged, and the new token starts as likely as the source."""
+    n, dim, like = model.cfg.vocab_size, model.cfg.dim, dict(device=model.embed.weight.device,
+                                                              dtype=model.embed.weight.dtype)
+    if new_id >= n:  # e.g. SmolLM2: its 49,152 rows are all taken
+        embed, head = torch.nn.Embedding(new_id + 1, dim, **like), torch.nn.Linear(dim, new_id + 1, bias=False, **like)
+        embed.weight[:n], head.weight[:n] = model.embed.weight, model.lm_head.weight
+        model.embed, model.lm_head = embed, head
+        if model.cfg.tie_embeddings:
+            model.lm_head.weight = model.embed.weight
+        model.cfg.vocab_size = model.cfg.hf["vocab_size"] = new_id + 1
+    model.embed.weight[new_id] = model.embed.weight[source_id]
+    model.lm_head.weight[new_id] = model.lm_head.weight[source_id]
+
+
 # ---- train.py's out_dir: the rules, the lock, checkpoints committed as one unit ----
 
 MARKER = "nrt_run.json"   # this trainer's run; also the manifest of its committed checkpoint (step, files, config)
@@ -353,10 +395,10 @@ def _switch_in(out):
     shutil.rmtree(stage)
 
 
-def save_checkpoint(model, optimizer, step, cfg):
+def save_checkpoint(model, optimizer, step, cfg, tokenizer_dir):
     """Step `step` as one unit, staged in out_dir/.ckpt-tmp: the model in the HF layout (LoRA: adapters in the
-    PEFT layout, plus the merged model unless save_merged=False), tokenizer files and train_state.pt (optimizer
-    state, step, config); then the manifest (the commit point); then switched in.
+    PEFT layout, plus the merged model unless save_merged=False), the tokenizer files of `tokenizer_dir` and
+    train_state.pt (optimizer state, step, config); then the manifest (the commit point); then switched in.
     A failed write names the file and leaves the previous checkpoint as it was."""
     from lora import save_adapters, save_merged
     out = cfg["out_dir"]
@@ -371,8 +413,8 @@ def save_checkpoint(model, optimizer, step, cfg):
                 save_merged(model, stage)
         else:
             save_model(model, stage)
-        for name in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(cfg["model_dir"], n))]:
-            shutil.copyfile(os.path.join(cfg["model_dir"], name), os.path.join(stage, name))
+        for name in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]:
+            shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(stage, name))
             _file_done()
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), config=dict(cfg)),
                    os.path.join(stage, "train_state.pt"))
@@ -403,12 +445,28 @@ def check_finite(model, source, logits=True):
             raise SystemExit(f"{source}: the weights are finite but give non-finite logits (NaN or inf)")
 
 
-def load_for_training(cfg, device, weight_dtype):
-    """(model, train state or None): from model_dir, or from out_dir's checkpoint on --resume."""
+def load_tokenizer(cfg):
+    """(tokenizer, the folder its files come from, the id of a delimiter token added now or None): model_dir's, or
+    on --resume the checkpoint's; --new_delimiter_token adds the delimiter (the released recipe) if it is missing."""
+    from tokenizer import Tokenizer
+    folder = cfg.out_dir if cfg.resume else cfg.model_dir
+    tok = Tokenizer.from_pretrained(folder)
+    if not cfg.new_delimiter_token or cfg.delimiter in tok.special_tokens:
+        return tok, folder, None
+    folder = extend_tokenizer(cfg.model_dir, cfg.delimiter)
+    tok = Tokenizer.from_pretrained(folder)
+    return tok, folder, tok.special_id(cfg.delimiter)
+
+
+def load_for_training(cfg, device, weight_dtype, new_id=None, eos_id=None):
+    """(model, train state or None): from model_dir, or from out_dir's checkpoint on --resume; a delimiter token
+    added by load_tokenizer (new_id) gets the embedding of EOS."""
     from lora import apply_lora, load_adapters
     lora = cfg.lora_rank > 0  # the frozen base always comes from model_dir; out_dir holds the adapters
     model = load_model(cfg.out_dir if cfg.resume and not lora else cfg.model_dir, weight_dtype, device)
     model.activation_checkpointing = cfg.activation_checkpointing
+    if new_id is not None:
+        init_token_row(model, new_id, eos_id)
     if lora and cfg.resume:
         load_adapters(model, cfg.out_dir)
     elif lora:

@@ -4,6 +4,7 @@ as its default's type; an unknown key or a bad value stops the script naming the
 """
 import contextlib
 import math
+import os
 import re
 import sys
 import time
@@ -11,7 +12,8 @@ import time
 PRECISIONS = ("auto", "float32", "bf16-mixed", "bf16-true")
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 AT_LEAST = dict(steps=1, questions_per_step=1, max_think_tokens=1, minibatches=1, rollout_questions=0, lora_rank=0,
-                eval_questions=0, save_every=0, weight_decay=0)  # train.py's flags with a lower bound only
+                eval_questions=0, save_every=0, weight_decay=0, policy_loss_coef=0, token_loss_coef=0,
+                format_loss_coef=0)  # train.py's flags with a lower bound only
 
 
 def parse_value(key: str, text: str, default):
@@ -74,17 +76,21 @@ def check_training_flags(c, aggregations):
     nrt, frac = c.method == "nrt", "in [0, 1]"
     check_ranges(c, **{key: (c[key] >= least, f"≥ {least}") for key, least in AT_LEAST.items()})
     check_ranges(
-        c, lr=(0 < c.lr < math.inf, "> 0"), grad_clip=(c.grad_clip > 0, "> 0"),
+        c, lr=(0 < c.lr < math.inf, "> 0"), adam_eps=(c.adam_eps > 0, "> 0"), grad_clip=(c.grad_clip > 0, "> 0"),
         temperature=(c.temperature > 0 or not nrt, "> 0"), warmup_frac=(0 <= c.warmup_frac <= 1, frac),
         samples_per_question=(c.samples_per_question >= (2 if nrt else 1), "≥ 2 for NRT (≥ 1 for SFT)"),
         min_lr_frac=(0 <= c.min_lr_frac <= 1, frac), clip_low=(0 <= c.clip_low <= 1, f"{frac} (≤ 1 ≤ clip_high)"),
         clip_high=(c.clip_high >= 1, "≥ 1 (clip_low ≤ 1 ≤ clip_high)"),
-        device=(valid_device(c.device), "auto, cpu, cuda or cuda:N"), think_end=(c.think_end != "", "non-empty"),
+        device=(valid_device(c.device), "auto, cpu, cuda or cuda:N"), delimiter=(c.delimiter != "", "non-empty"),
         data=(c.data.strip(" ,") != "", "one or more JSONL files"),
+        new_delimiter_token=(not (c.new_delimiter_token and c.lora_rank), "False with --lora_rank > 0 (a frozen "
+                             "embedding cannot learn a new token's row)"),
         dtype=(c.dtype != "bf16-true" or c.lora_rank > 0, "bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen "
                "bf16 base): trained weights need fp32 master weights, as bf16 rounds most updates away"))
-    if c.questions_per_step % c.minibatches:
-        raise SystemExit(f"--minibatches={c.minibatches} must divide --questions_per_step={c.questions_per_step}")
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's ranks: each takes an equal share of every mini-batch
+    if c.questions_per_step % (c.minibatches * world):
+        raise SystemExit(f"--questions_per_step={c.questions_per_step} must be divisible by --minibatches="
+                         f"{c.minibatches} × {world} ranks")
 
 
 def print_config(config: dict):

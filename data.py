@@ -17,7 +17,7 @@ import string
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 INSTRUCTION = "Think briefly, then write 'Answer:' followed by the final answer only."
-THINK_END = "\nAnswer:"  # the end-of-thinking delimiter
+DELIMITER = "\nAnswer:"  # the end-of-thinking delimiter
 SUITES = {"default": ["arithmetic", "object_counting"],
           "all": ["arithmetic", "object_counting", "qa_wikidata", "strategyqa"]}
 ANSWER_LEAD_IN = re.compile(r"^(the\s+)?(final\s+)?answer\b(\s+is\b)?\s*:?\s*", re.IGNORECASE)
@@ -31,23 +31,23 @@ def prompt_ids(tok, question, instruction=INSTRUCTION, system=""):
     return tok.encode_chat(messages)
 
 
-def check_delimiter(tok, think_end, model_dir=""):
+def check_delimiter(tok, delimiter, model_dir=""):
     """A delimiter shaped like a special token (<|...|>, <...>) must be one, or it would be trained as plain text."""
     try:
-        tok.special_id(think_end)
+        tok.special_id(delimiter)
     except KeyError:
-        if re.fullmatch(r"<[^<>\s]+>", think_end):
-            raise SystemExit(f"--think_end={think_end!r} looks like a special token, but the vocabulary of "
+        if re.fullmatch(r"<[^<>\s]+>", delimiter):
+            raise SystemExit(f"--delimiter={delimiter!r} looks like a special token, but the vocabulary of "
                              f"{model_dir or 'the tokenizer'} has no such token") from None
-    return think_end
+    return delimiter
 
 
-def delimiter_ids(tok, think_end):
+def encode_delimiter(tok, delimiter):
     """The end-of-thinking delimiter as ids: a special token when it names one, else its text encoding."""
     try:
-        return [tok.special_id(think_end)]
+        return [tok.special_id(delimiter)]
     except KeyError:
-        return tok.encode(think_end, continuation=True)
+        return tok.encode(delimiter, continuation=True)
 
 
 def answer_ids(tok, answer):
@@ -109,7 +109,7 @@ def load_rows(spec, split="train", with_lines=False):
     return [row for path in resolve_paths(spec, split) for row in load_qa(path, with_lines)]
 
 
-def training_rows(tok, delim, cfg, max_len):
+def training_rows(tok, delimiter_ids, cfg, max_len):
     """The training rows, each checked to fit: prompt + max_think_tokens (NRT; SFT writes no trace) + delimiter +
     answer ≤ max_len. A row too long is an error naming its file:line, or skipped with skip_too_long=True."""
     try:
@@ -119,7 +119,7 @@ def training_rows(tok, delim, cfg, max_len):
     think = cfg.max_think_tokens if cfg.method == "nrt" else 0
     rows, too_long = [], []
     for row, where in pairs:
-        n = len(prompt_ids(tok, row["question"], cfg.instruction, cfg.system)) + think + len(delim) \
+        n = len(prompt_ids(tok, row["question"], cfg.instruction, cfg.system)) + think + len(delimiter_ids) \
             + len(answer_ids(tok, row["answer"]))
         (too_long if n > max_len else rows).append(f"{where} ({n} tokens)" if n > max_len else row)
     named = ", ".join(too_long[:5]) + (" …" if len(too_long) > 5 else "")

@@ -20,7 +20,7 @@ import time
 import torch
 
 from cli import Config, check_ranges, parse_args, print_config, progress, resolve_device, resolve_precision
-from data import (INSTRUCTION, THINK_END, answer_ids, delimiter_ids, extract_answer, is_correct, json_safe, load_qa,
+from data import (INSTRUCTION, DELIMITER, answer_ids, encode_delimiter, extract_answer, is_correct, json_safe, load_qa,
                   load_rows, normalize_answer, prompt_ids, resolve_paths)
 from model import Transformer
 from reward import HARD_THRESHOLD, hard_tokens, sample_traces, score_answers
@@ -32,7 +32,7 @@ DEFAULTS = dict(
     compare="",           # a second model directory (e.g. a trained out_dir): side by side, paired deltas
     limit=0, think=True,  # the first N questions of each data set (0 = all); think=False: direct answers only
     k=1, n_samples=0, temperature=1.0,  # pass@k when k > 1, from n_samples (0 = k) traces sampled per question
-    instruction=INSTRUCTION, think_end=THINK_END, system="",  # train.py's prompt: evaluated as it was trained
+    instruction=INSTRUCTION, delimiter=DELIMITER, system="",  # train.py's prompt: evaluated as it was trained
     max_think_tokens=48, max_answer_tokens=16, batch_size=32, seed=1337,  # batch_size: questions per chunk
     device="auto", dtype="auto",  # dtype auto | float32 | bf16-mixed | bf16-true; auto is what train.py uses
     out="", overwrite=False,  # the per-example JSONL (default out/eval_<model>[_vs_<other>].jsonl); replace it?
@@ -68,23 +68,23 @@ def pass_at_k(n, c, k):
     return 1.0 if n - c < k else 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def greedy_answers(model, tok, prompts, traces, emitted, delim, budget):
+def greedy_answers(model, tok, prompts, traces, emitted, delimiter_ids, budget):
     """(answers, raw texts) after prompt ‖ trace (‖ delimiter), each to EOS or the end of its first non-empty line."""
-    contexts = [p + z + ([] if em else delim) for p, z, em in zip(prompts, traces, emitted)]
+    contexts = [p + z + ([] if em else delimiter_ids) for p, z, em in zip(prompts, traces, emitted)]
     out = generate(model, contexts, max_new_tokens=min(budget, model.cfg.max_seq_len - max(map(len, contexts))),
                    temperature=0, stop_ids=tok.stop_ids, stop_strings=FIRST_LINE_END, decode=tok.decode)
     raw = [tok.decode(ids, skip_special=True) for ids in out.tokens]
     return [extract_answer(text) for text in raw], raw
 
 
-def score_options(model, tok, exs, rows, prompts, options, conditions, delim, batch_size):
+def score_options(model, tok, exs, rows, prompts, options, conditions, delimiter_ids, batch_size):
     """Per condition: log c of the reference and, on multiple-choice rows, Σ log c of each option and the pick."""
     jobs = [(cond, i, text) for cond in conditions for i, row in enumerate(rows)
             for text in dict.fromkeys([row["answer"], *(options[i] or [])])]  # the reference first, once
     seqs = [(prompts[i], conditions[c][0][i], conditions[c][1][i], answer_ids(tok, text)) for c, i, text in jobs]
     logc = {}  # (condition, row) -> {text: log c of its tokens}
     for s in range(0, len(seqs), batch_size):
-        _, _, lc, mask = score_answers(model, seqs[s:s + batch_size], delim)
+        _, _, lc, mask = score_answers(model, seqs[s:s + batch_size], delimiter_ids)
         for (cond, i, text), x, m in zip(jobs[s:s + batch_size], lc, mask):
             logc.setdefault((cond, i), {})[text] = x[m].float().cpu()
     for (cond, i), by_text in logc.items():
@@ -97,7 +97,7 @@ def score_options(model, tok, exs, rows, prompts, options, conditions, delim, ba
 
 
 @torch.no_grad()
-def evaluate_chunk(model, tok, rows, start, opt, delim, generator):
+def evaluate_chunk(model, tok, rows, start, opt, delimiter_ids, generator):
     """The per-example values of every metric for one chunk of questions (rows[start:...])."""
     examples = [dict(index=start + j, question=r["question"], answer=r["answer"]) for j, r in enumerate(rows)]
     prompts = [prompt_ids(tok, r["question"], opt.instruction, opt.system) for r in rows]
@@ -106,8 +106,8 @@ def evaluate_chunk(model, tok, rows, start, opt, delim, generator):
     budgets = [max(opt.max_answer_tokens, *(len(answer_ids(tok, t)) for t in ts)) for ts in texts]
     think_len, limit = opt.max_think_tokens if opt.think else 0, model.cfg.max_seq_len
     for e, p, b in zip(examples, prompts, budgets):
-        if len(p) + think_len + len(delim) + b > limit:
-            e["skipped"] = f"prompt {len(p)} + trace {think_len} + delimiter {len(delim)} + answer {b} tokens > {limit}"
+        if len(p) + think_len + len(delimiter_ids) + b > limit:
+            e["skipped"] = f"prompt {len(p)} + trace {think_len} + delimiter {len(delimiter_ids)} + answer {b} > {limit}"
     ok = [i for i, e in enumerate(examples) if "skipped" not in e]
     if not ok:
         return examples
@@ -115,38 +115,38 @@ def evaluate_chunk(model, tok, rows, start, opt, delim, generator):
     budget, n = max(budgets[i] for i in ok), len(ok)
     conditions = {"_direct": ([[]] * n, [False] * n)}  # the empty trace; "" = after the greedy trace
     if opt.think:  # sample_traces gives (traces, emitted, log-probs)
-        conditions[""] = sample_traces(model, tok, prompts, opt.think_end, opt.max_think_tokens, temperature=0)[:2]
+        conditions[""] = sample_traces(model, tok, prompts, opt.delimiter, opt.max_think_tokens, temperature=0)[:2]
         for e, z, em in zip(exs, *conditions[""]):
             e.update(trace=tok.decode(z), trace_len=len(z), emitted=em)
     # one generate call per condition: a joint one would pad the direct contexts to the longest trace context
     for cond, (zs, ems) in conditions.items():
-        preds, raws = greedy_answers(model, tok, prompts, zs, ems, delim, budget)
+        preds, raws = greedy_answers(model, tok, prompts, zs, ems, delimiter_ids, budget)
         for e, row, pred, raw in zip(exs, rows, preds, raws):
             e.update({"pred" + cond: pred, "correct" + cond: is_correct(pred, row), "raw" + cond: raw})
-    score_options(model, tok, exs, rows, prompts, options, conditions, delim, opt.batch_size)
+    score_options(model, tok, exs, rows, prompts, options, conditions, delimiter_ids, opt.batch_size)
     n_s, step = opt.n_samples, max(1, opt.batch_size // opt.n_samples)  # ≈ batch_size sampled rows a call
     for s in range(0, n, step) if opt.k > 1 else ():
         ps = prompts[s:s + step]
-        zs, ems, _ = sample_traces(model, tok, ps, opt.think_end, opt.max_think_tokens, n_s, opt.temperature, generator)
-        preds, _ = greedy_answers(model, tok, [p for p in ps for _ in range(n_s)], zs, ems, delim, budget)
+        zs, ems, _ = sample_traces(model, tok, ps, opt.delimiter, opt.max_think_tokens, n_s, opt.temperature, generator)
+        preds, _ = greedy_answers(model, tok, [p for p in ps for _ in range(n_s)], zs, ems, delimiter_ids, budget)
         for j, (e, row) in enumerate(zip(exs[s:s + step], rows[s:s + step])):
             c = sum(is_correct(p, row) for p in preds[j * n_s:(j + 1) * n_s])
             e.update(n_samples=n_s, n_correct=c, accuracy_sampled=c / n_s, pass_at_k=pass_at_k(n_s, c, opt.k))
     return examples
 
 
-def evaluate(model, tok, rows, instruction="", system="", think_end=THINK_END, max_think_tokens=48,
+def evaluate(model, tok, rows, instruction="", system="", delimiter=DELIMITER, max_think_tokens=48,
              max_answer_tokens=16, think=True, batch_size=16, hard_threshold=HARD_THRESHOLD, k=1, n_samples=0,
              temperature=1.0, seed=0, on_examples=lambda chunk: None, label=None):
     """(summary, per-example dicts) of `rows` (question, answer, aliases?, options?), chunk by chunk: on_examples
     gets each finished chunk, and a `label` turns on a progress line (stderr)."""
-    opt = Config(instruction=instruction, system=system, think_end=think_end, max_think_tokens=max_think_tokens,
+    opt = Config(instruction=instruction, system=system, delimiter=delimiter, max_think_tokens=max_think_tokens,
                  max_answer_tokens=max_answer_tokens, think=think, batch_size=batch_size, k=k,
                  n_samples=n_samples or k, temperature=temperature)
-    delim, examples, t0 = delimiter_ids(tok, think_end), [], time.time()
+    delimiter_ids, examples, t0 = encode_delimiter(tok, delimiter), [], time.time()
     generator = torch.Generator(model.embed.weight.device).manual_seed(seed)
     for start in range(0, len(rows), batch_size):
-        chunk = evaluate_chunk(model, tok, rows[start:start + batch_size], start, opt, delim, generator)
+        chunk = evaluate_chunk(model, tok, rows[start:start + batch_size], start, opt, delimiter_ids, generator)
         examples += chunk
         on_examples(chunk)
         if label:
@@ -234,7 +234,7 @@ def heldout_eval(model, tok, cfg, amp, label, before=None):
     model.eval()
     t0 = time.time()
     with amp():
-        summary, _ = evaluate(model, tok, rows, cfg.instruction, cfg.system, cfg.think_end, cfg.max_think_tokens,
+        summary, _ = evaluate(model, tok, rows, cfg.instruction, cfg.system, cfg.delimiter, cfg.max_think_tokens,
                               think=cfg.method == "nrt", label=f"eval {label}")
     print(f"eval ({label}, {len(rows)} held-out questions, {time.time() - t0:.0f}s)")
     print_table("held-out", dict(before=before, after=summary) if before else {label: summary})

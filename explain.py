@@ -14,7 +14,7 @@ import torch
 
 import train
 from cli import parse_args, resolve_device, resolve_precision
-from data import delimiter_ids, load_rows
+from data import encode_delimiter, load_rows
 from model import Transformer
 from reward import AGGREGATIONS, aggregate, clip_to_baseline, group_normalise, score_answers, score_empty_traces
 from tokenizer import Tokenizer
@@ -55,24 +55,25 @@ def main(argv=None):
     device = resolve_device(cfg.device)
     weight_dtype, amp = resolve_precision(cfg.dtype, device)
     model, tok = Transformer.from_pretrained(cfg.model_dir, weight_dtype, device), Tokenizer.from_pretrained(cfg.model_dir)
-    delim, rows = delimiter_ids(tok, cfg.think_end), load_rows(cfg.data)
+    delimiter_ids, rows = encode_delimiter(tok, cfg.delimiter), load_rows(cfg.data)
     q = rows[cfg.question % len(rows)]
     torch.manual_seed(cfg.seed)
 
     print("== 1. the prompt (the chat template's user turn) and the end-of-thinking delimiter")
     g = train.rollout(model, tok, [q], cfg, cfg.seed)[0]
-    print(tok.decode(g.prompt) + f"\n  delimiter: {cfg.think_end!r} = ids {delim};  reference answer y*: {q['answer']!r}")
+    print(tok.decode(g.prompt) + f"\n  delimiter: {cfg.delimiter!r} = ids {delimiter_ids};  "
+          f"reference answer y*: {q['answer']!r}")
     print(f"\n== 2. K = {len(g.traces)} sampled traces (temperature {cfg.temperature}, ≤ {cfg.max_think_tokens} tokens)")
     for k, (z, e) in enumerate(zip(g.traces, g.emitted)):
         print(f"  z{k} ({len(z)} tokens, {'wrote the delimiter' if e else 'truncated: delimiter appended'}): "
               f"{tok.decode(z)!r}")
 
     print("\n== 3. c_i = π(y*_i | x, z, y*_<i): the answer's tokens after the empty trace and after each trace")
-    logc_empty = score_empty_traces(model, [(g.prompt, g.answer)], delim)[0]
+    logc_empty = score_empty_traces(model, [(g.prompt, g.answer)], delimiter_ids)[0]
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95))
     norm = cfg.samples_per_question * cfg.max_think_tokens
-    result = train.train_on_group(model, g, logc_empty, None, delim, cfg, amp, norm)  # forward + backward
+    result = train.train_on_group(model, g, logc_empty, None, delimiter_ids, cfg, amp, norm)  # forward + backward
     table(tok, g.answer, logc_empty, result.logc)
 
     print(f"\n== 4. rewards (R = f(c); * = --aggregation), the baseline and the advantages")
@@ -88,8 +89,8 @@ def main(argv=None):
     train.apply_update(model, optimizer, cfg)
     model.eval()
     with torch.no_grad(), amp():
-        _, _, logc_after, _ = score_answers(model, g.rows(), delim)
-        logc_empty_after = score_empty_traces(model, [(g.prompt, g.answer)], delim)[0]
+        _, _, logc_after, _ = score_answers(model, g.rows(), delimiter_ids)
+        logc_empty_after = score_empty_traces(model, [(g.prompt, g.answer)], delimiter_ids)[0]
     table(tok, g.answer, logc_empty_after, logc_after)
     after, _ = rewards(logc_after, logc_empty_after, cfg)
     print(f"  mean Σ log c over the traces: {result.logc.sum(-1).mean():.3f} → {logc_after.sum(-1).mean():.3f};"

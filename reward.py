@@ -97,14 +97,14 @@ def group_normalise(R, group_size, eps=1e-6):
 
 # ---- traces, and the answer scored after them: one teacher-forced forward, used by train, eval and SFT ----
 
-def sample_traces(model, tok, prompts, think_end, max_tokens, num_samples=1, temperature=1.0, generator=None):
+def sample_traces(model, tok, prompts, delimiter, max_tokens, num_samples=1, temperature=1.0, generator=None):
     """K traces per prompt (rows grouped by prompt), each ending at the delimiter or after max_tokens.
 
     Returns (trace ids, emitted, sampler log-probs) per row. `emitted`: the trace wrote the delimiter
     itself (it stays in the trace and gets the policy gradient). A trace that ends its turn (EOS) before
     the delimiter is treated like a truncated one: EOS dropped, the delimiter appended when scoring."""
     out = generate(model, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temperature,
-                   stop_ids=tok.stop_ids, stop_strings=[think_end], decode=tok.decode, generator=generator)
+                   stop_ids=tok.stop_ids, stop_strings=[delimiter], decode=tok.decode, generator=generator)
     ended_turn = [why == "stop_id" for why in out.stop_reason]
     traces = [z[:-1] if e else z for z, e in zip(out.tokens, ended_turn)]
     logprobs = [lp[:-1] if e else lp for lp, e in zip(out.logprobs, ended_turn)]
@@ -120,14 +120,14 @@ class Batch:
     answer_mask: torch.Tensor   # reference-answer tokens y* and the end-of-turn token
 
 
-def build_batch(rows, delimiter, device="cpu") -> Batch:
+def build_batch(rows, delimiter_ids, device="cpu") -> Batch:
     """Right-padded batch of rows (prompt, trace, emitted, answer) → prompt ‖ z ‖ delimiter? ‖ y*‖EOS.
 
     All parts are id lists; `emitted` says the trace already ends with the delimiter the policy sampled
     (it then belongs to the trace and gets no format loss); otherwise the delimiter is appended."""
     seqs = []
     for prompt, trace, emitted, answer in rows:
-        parts = [(prompt, 0), (trace, 1), ([] if emitted else delimiter, 2), (answer, 3)]
+        parts = [(prompt, 0), (trace, 1), ([] if emitted else delimiter_ids, 2), (answer, 3)]
         seqs.append([(t, role) for ids, role in parts for t in ids])
     L = max(len(s) for s in seqs)
     tokens = torch.zeros(len(seqs), L, dtype=torch.long)
@@ -154,13 +154,13 @@ def answer_logc(logprobs, answer_mask):
     return logc, mask
 
 
-def score_answers(model, rows, delimiter, trace_too=False):
+def score_answers(model, rows, delimiter_ids, trace_too=False):
     """Teacher-force rows (prompt, trace, emitted, answer ids) in one batched forward.
 
     Returns (batch, logprobs (N, L), log c (N, T), answer mask (N, T)). Log-probs are computed at the
     answer positions only, plus the trace and delimiter positions when `trace_too` (the training
     forward, which needs them for the policy-gradient and format terms). Gradients flow when enabled."""
-    batch = build_batch(rows, delimiter, model.embed.weight.device)
+    batch = build_batch(rows, delimiter_ids, model.embed.weight.device)
     want = batch.answer_mask | (batch.trace_mask | batch.format_mask if trace_too else False)
     logprobs = token_logprobs(model, batch.tokens, want)
     logc, mask = answer_logc(logprobs, batch.answer_mask)
@@ -168,16 +168,17 @@ def score_answers(model, rows, delimiter, trace_too=False):
 
 
 @torch.no_grad()
-def score_empty_traces(model, questions, delimiter):
+def score_empty_traces(model, questions, delimiter_ids):
     """log c_i^∅ (T,) of each (prompt, answer) pair: prompt ‖ delimiter ‖ y*, all in one batch, no grad."""
-    _, _, logc, mask = score_answers(model, [(prompt, [], False, answer) for prompt, answer in questions], delimiter)
+    rows = [(prompt, [], False, answer) for prompt, answer in questions]
+    _, _, logc, mask = score_answers(model, rows, delimiter_ids)
     return [lc[m] for lc, m in zip(logc, mask)]
 
 
 @torch.no_grad()
-def score_traces(model, rows, delimiter):
+def score_traces(model, rows, delimiter_ids):
     """(log c (K, T), log-probs (K, L)) of traces under the current policy, kept before an update changes it."""
-    _, logprobs, logc, _ = score_answers(model, rows, delimiter, trace_too=True)
+    _, logprobs, logc, _ = score_answers(model, rows, delimiter_ids, trace_too=True)
     return logc, logprobs
 
 

@@ -15,9 +15,8 @@ Simplifications, stated:
   3. A trace that ends its turn (EOS) before the delimiter counts as truncated: EOS dropped, delimiter appended.
   4. All randomness of step s derives from (seed, s, rank), so --resume needs no RNG state.
 The loss hovers near 0 by construction (advantages have zero mean): watch `reward`, not `loss`.
-Off the core path: --minibatches (one rollout, M updates, clipped importance weights: the released recipe),
-torchrun (data parallel, parallel.py), --lora_rank (lora.py), --dry_run (memory.py), --compile (sample.py).
-Left out: value functions, KL penalties, entropy bonuses, sharded optimizers.
+Off the core path: --minibatches (M updates per rollout, clipped importance weights), torchrun (parallel.py),
+--lora_rank (lora.py), --dry_run (memory.py), --compile (sample.py). Left out: value functions, KL, entropy bonuses.
 """
 import importlib.util
 import math
@@ -27,9 +26,9 @@ from dataclasses import dataclass
 
 import torch
 
-from checkpoint import append_log, load_config, load_for_training, prepare_out_dir, save_checkpoint
+from checkpoint import append_log, load_config, load_for_training, load_tokenizer, prepare_out_dir, save_checkpoint
 from cli import check_training_flags, parse_args, print_config, resolve_device, resolve_precision
-from data import (INSTRUCTION, THINK_END, answer_ids, check_delimiter, delimiter_ids, prompt_ids, step_questions,
+from data import (INSTRUCTION, DELIMITER, answer_ids, check_delimiter, encode_delimiter, prompt_ids, step_questions,
                   training_rows)
 from eval import heldout_eval
 from parallel import all_reduce_grads, any_rank, barrier, finish_distributed, init_distributed, stop_on_signals
@@ -51,11 +50,13 @@ DEFAULTS = dict(
     aggregation="ws_nlog",       # logp | prob | gm | am | ws_inv | ws_nlog
     token_weight="fixed",        # fixed (s_i = 1) | derived (s_i = α_i c_i)
     baseline_clip=True,          # R' = max(0, R − R(∅))
+    policy_loss_coef=1.0,        # weight of the policy gradient on the traces (0: answer NLL after traces only)
     token_loss_coef=1.0,         # weight of the answer NLL term
     format_loss_coef=0.3,        # weight of the delimiter NLL for traces that did not write it
     # the prompt (data.py)
     instruction=INSTRUCTION,     # "Think briefly, then write 'Answer:' followed by the final answer only."
-    think_end=THINK_END,         # "\nAnswer:": the end-of-thinking delimiter (or a special token's name)
+    delimiter=DELIMITER,         # "\nAnswer:": the end-of-thinking delimiter (or a special token's name)
+    new_delimiter_token=False,   # add delimiter to the vocabulary as a new special token, initialised from EOS
     system="",                   # optional system message
     # rollout
     questions_per_step=4,        # B
@@ -69,6 +70,7 @@ DEFAULTS = dict(
     warmup_frac=0.1,
     min_lr_frac=0.1,             # cosine decay to lr · min_lr_frac (1.0 = constant after warm-up)
     weight_decay=0.0,
+    adam_eps=1e-8,
     grad_clip=1.0,
     minibatches=1,               # optimizer steps per rollout; > 1 reuses it with clipped importance weights
     clip_low=0.8,                # the importance weight's clip range (only with minibatches > 1)
@@ -98,6 +100,9 @@ PRESETS = {
                   eval_questions=8, example_every=2, save_every=2),
     "rlpr": dict(aggregation="am", token_loss_coef=0.0, baseline_clip=False),
     "verifree": dict(aggregation="prob", token_weight="derived", baseline_clip=False),
+    # the authors' released recipe (README: "The released recipe"), at this project's batch size and trace length
+    "paper": dict(delimiter="<|response_start|>", new_delimiter_token=True, instruction="", baseline_clip=False,
+                  minibatches=4, lr=2e-6, min_lr_frac=1.0, weight_decay=0.01, adam_eps=1e-15),
 }
 
 
@@ -117,7 +122,7 @@ class Group:
         return [(self.prompt, z, e, self.answer) for z, e in zip(self.traces, self.emitted)]
 
 
-def nrt_step(model, optimizer, tok, delim, questions, cfg, amp, seed, world=1):
+def nrt_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, seed, world=1):
     """One step on this rank's questions; returns the log line and each question's (group, result)."""
     # 1. Rollout: K traces per question from the current policy (eval mode: no adapter dropout).
     t0 = time.time()
@@ -126,10 +131,10 @@ def nrt_step(model, optimizer, tok, delim, questions, cfg, amp, seed, world=1):
         groups = rollout(model, tok, questions, cfg, seed)
         t1 = time.time()
         # 2. The empty trace of every question, one no-grad forward: log c^∅ gives R(∅) and the ws_* weights.
-        logc_empty = score_empty_traces(model, [(g.prompt, g.answer) for g in groups], delim)
+        logc_empty = score_empty_traces(model, [(g.prompt, g.answer) for g in groups], delimiter_ids)
         # With several updates per rollout, the later ones see a changed policy: keep the rollout
         # policy's log-probs (importance weights) and rewards, scored now, before the first update.
-        frozen = [score_traces(model, g.rows(), delim) for g in groups] if cfg.minibatches > 1 else [None] * len(groups)
+        frozen = [score_traces(model, g.rows(), delimiter_ids) if cfg.minibatches > 1 else None for g in groups]
     t2 = time.time()
     # 3–5. Per mini-batch: one forward per question gives rewards and loss; backward; all-reduce; AdamW.
     model.train()
@@ -140,7 +145,7 @@ def nrt_step(model, optimizer, tok, delim, questions, cfg, amp, seed, world=1):
         optimizer.zero_grad(set_to_none=True)
         part = slice(m * per_batch, (m + 1) * per_batch)
         for g, lc0, old in zip(groups[part], logc_empty[part], frozen[part]):
-            results.append(train_on_group(model, g, lc0, old, delim, cfg, amp, norm))
+            results.append(train_on_group(model, g, lc0, old, delimiter_ids, cfg, amp, norm))
         all_reduce_grads(model, world)
         grad_norms.append(apply_update(model, optimizer, cfg))
     times = {"time/rollout": t1 - t0, "time/score_empty": t2 - t1, "time/update": time.time() - t2}
@@ -155,7 +160,7 @@ def rollout(model, tok, questions, cfg, seed):
     for start in range(0, len(questions), chunk):
         part = questions[start:start + chunk]
         prompts = [prompt_ids(tok, q["question"], cfg.instruction, cfg.system) for q in part]
-        traces, emitted, logps = sample_traces(model, tok, prompts, cfg.think_end, cfg.max_think_tokens, K,
+        traces, emitted, logps = sample_traces(model, tok, prompts, cfg.delimiter, cfg.max_think_tokens, K,
                                                cfg.temperature, generator)
         for i, (q, prompt) in enumerate(zip(part, prompts)):  # rows are grouped by prompt: i*K .. i*K+K-1
             rows = slice(i * K, (i + 1) * K)
@@ -176,11 +181,11 @@ class Result:
     clipped: float            # fraction of trace tokens whose importance weight was masked
 
 
-def train_on_group(model, g, logc_empty, frozen, delim, cfg, amp, norm):
+def train_on_group(model, g, logc_empty, frozen, delimiter_ids, cfg, amp, norm):
     """Steps 3–5 for one question's K traces: the forward, rewards, advantages, loss, backward."""
     # 3. One teacher-forced forward with gradients: log-probs of trace, delimiter and answer tokens.
     with amp():
-        batch, logprobs, logc, mask = score_answers(model, g.rows(), delim, trace_too=True)
+        batch, logprobs, logc, mask = score_answers(model, g.rows(), delimiter_ids, trace_too=True)
     # The rewards come from this very forward, detached: scoring and training are one computation.
     # Off-policy (a later mini-batch) they come from the scores taken before the first update.
     logc_reward, old_logprobs = (logc.detach(), None) if frozen is None else frozen
@@ -194,7 +199,8 @@ def train_on_group(model, g, logc_empty, frozen, delim, cfg, amp, norm):
 
 
 def total_loss(terms, cfg):
-    return terms["policy"] + cfg.format_loss_coef * terms["format"] + cfg.token_loss_coef * terms["answer_nll"]
+    return (cfg.policy_loss_coef * terms["policy"] + cfg.format_loss_coef * terms["format"]
+            + cfg.token_loss_coef * terms["answer_nll"])
 
 
 def advantages(logc, logc_empty, mask, cfg):
@@ -231,7 +237,7 @@ def nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, old_logprobs=None)
     return dict(policy=policy, format=fmt, answer_nll=answer_nll), clipped
 
 
-def sft_step(model, optimizer, tok, delim, questions, cfg, amp, world=1):
+def sft_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, world=1):
     """The SFT baseline: − Σ_i log π(y*_i | x, ∅), averaged over the step's questions."""
     t0 = time.time()
     model.train()
@@ -239,7 +245,7 @@ def sft_step(model, optimizer, tok, delim, questions, cfg, amp, world=1):
     rows = [(prompt_ids(tok, q["question"], cfg.instruction, cfg.system), [], False, answer_ids(tok, q["answer"]))
             for q in questions]
     with amp():
-        _, _, logc, mask = score_answers(model, rows, delim)
+        _, _, logc, mask = score_answers(model, rows, delimiter_ids)
     loss = -(logc * mask).sum() / (len(questions) * world)
     loss.backward()
     all_reduce_grads(model, world)
@@ -326,20 +332,16 @@ def main(argv=None):
     if cfg.dry_run:
         from memory import plan_training_run
         return plan_training_run(cfg)
-    if cfg.questions_per_step % (world * cfg.minibatches):
-        raise SystemExit(f"--questions_per_step={cfg.questions_per_step} must be divisible by "
-                         f"{world} ranks × {cfg.minibatches} minibatches")
     if rank == 0:  # out_dir's rules, lock, recovery and resume checks: before anything is loaded
         prepare_out_dir(cfg)
     barrier(world)
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_pretrained(cfg.model_dir)
-    delim = delimiter_ids(tok, check_delimiter(tok, cfg.think_end, cfg.model_dir))
-    rows = training_rows(tok, delim, cfg, load_config(cfg.model_dir).max_seq_len)
+    tok, tok_dir, new_id = load_tokenizer(cfg)  # new_id: the delimiter, added as a new special token (or None)
+    delimiter_ids = encode_delimiter(tok, check_delimiter(tok, cfg.delimiter, tok_dir))
+    rows = training_rows(tok, delimiter_ids, cfg, load_config(cfg.model_dir).max_seq_len)
     weight_dtype, amp = resolve_precision(cfg.dtype, device)
-    model, state = load_for_training(cfg, device, weight_dtype)
+    model, state = load_for_training(cfg, device, weight_dtype, new_id, tok.eos_id)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95),
-                                  weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=device.startswith("cuda"))
     start = state["step"] if state else 0
     if state:
         optimizer.load_state_dict(state["optimizer"])
@@ -359,15 +361,14 @@ def main(argv=None):
         out_of_time = cfg.time_budget_min > 0 and time.time() - t_start > 60 * cfg.time_budget_min
         if any_rank(bool(stop) or out_of_time, world):
             break
-        lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr = lr_at(step, cfg)
         questions = step_questions(rows, step, B, cfg.seed)[rank * B // world:(rank + 1) * B // world]
         if cfg.method == "sft":
-            log, examples = sft_step(model, optimizer, tok, delim, questions, cfg, amp, world)
+            log, examples = sft_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, world)
         else:  # each rank samples with its own stream: seeded by (seed, step, rank)
             seed = (cfg.seed * 1_000_003 + step) * 1009 + rank
-            log, examples = nrt_step(model, optimizer, tok, delim, questions, cfg, amp, seed, world)
+            log, examples = nrt_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, seed, world)
         step += 1
         log = {"step": step, "learning_rate": lr, **log}
         if rank == 0:  # rank 0 logs its own questions' statistics and saves for everyone
@@ -381,10 +382,10 @@ def main(argv=None):
             if examples and cfg.example_every and step % cfg.example_every == 0:
                 print_example(tok, *examples[0])
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(model, optimizer, step, cfg)
+                save_checkpoint(model, optimizer, step, cfg, tok_dir)
         barrier(world)  # the other ranks wait here while rank 0 saves
     if rank == 0:
-        save_checkpoint(model, optimizer, step, cfg)
+        save_checkpoint(model, optimizer, step, cfg, tok_dir)
     finish_distributed(world)
     if stop:
         sys.exit(128 + stop["signal"])

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 
 import eval as ev
-from data import answer_ids, delimiter_ids, extract_answer, is_correct, prompt_ids
+from data import answer_ids, encode_delimiter, extract_answer, is_correct, prompt_ids
 from reward import sample_traces, score_answers
 from tokenizer import Tokenizer, _byte_decoder
 
@@ -103,15 +103,15 @@ def test_pass_at_k_equals_brute_force_over_k_subsets():
 def test_likelihood_metric_equals_score_answers(tiny):
     model, tok = tiny
     rows = ROWS[:4]
-    opt = dict(instruction="", system="", think_end="\nAnswer:", max_think_tokens=6)
+    opt = dict(instruction="", system="", delimiter="\nAnswer:", max_think_tokens=6)
     summary, examples = ev.evaluate(model, tok, rows, **opt, max_answer_tokens=3, batch_size=4)
     prompts = [prompt_ids(tok, r["question"], "") for r in rows]
     zs, emitted, _ = sample_traces(model, tok, prompts, "\nAnswer:", 6, temperature=0)  # the same greedy traces
-    delim = delimiter_ids(tok, "\nAnswer:")
+    delimiter_ids = encode_delimiter(tok, "\nAnswer:")
     for e, p, z, em, row in zip(examples, prompts, zs, emitted, rows):
         a = answer_ids(tok, row["answer"])
         with torch.no_grad():
-            _, _, logc, _ = score_answers(model, [(p, z, em, a), (p, [], False, a)], delim)
+            _, _, logc, _ = score_answers(model, [(p, z, em, a), (p, [], False, a)], delimiter_ids)
         assert e["logc"] == pytest.approx(logc[0].tolist(), abs=1e-5)
         assert e["logc_direct"] == pytest.approx(logc[1].tolist(), abs=1e-5)
         assert e["answer_logprob"] == pytest.approx(logc[0].sum().item(), abs=1e-4)
@@ -127,7 +127,7 @@ def test_likelihood_metric_equals_score_answers(tiny):
 
 def test_batching_does_not_change_greedy_results(tiny):
     model, tok = tiny
-    opt = dict(instruction="", think_end="\nAnswer:", max_think_tokens=5, max_answer_tokens=3)
+    opt = dict(instruction="", delimiter="\nAnswer:", max_think_tokens=5, max_answer_tokens=3)
     _, one = ev.evaluate(model, tok, ROWS[:3], **opt, batch_size=1)
     _, three = ev.evaluate(model, tok, ROWS[:3], **opt, batch_size=3)
     for a, b in zip(one, three):
@@ -258,7 +258,7 @@ def test_default_model_prefers_the_right_answer(default_model_dir):
     model, tok = ev.load(default_model_dir, torch.float32)
     rows = [{"question": "What is 2 plus 3?", "answer": "5", "options": ["9", "5"]},
             {"question": "What is the capital of France?", "answer": "Paris", "options": ["Berlin", "Paris"]}]
-    summary, examples = ev.evaluate(model, tok, rows, ev.DEFAULTS["instruction"], "", ev.DEFAULTS["think_end"],
+    summary, examples = ev.evaluate(model, tok, rows, ev.DEFAULTS["instruction"], "", ev.DEFAULTS["delimiter"],
                                     think=False, batch_size=2)
     assert [e["pred_direct"] for e in examples] == ["5", "Paris"] and summary["accuracy_direct"] == 1.0
     assert summary["accuracy_mc_direct"] == 1.0 and summary["n_mc"] == 2

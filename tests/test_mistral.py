@@ -469,10 +469,10 @@ def test_tiny_mistral_matches_transformers(tiny_mistral_dir):
 @pytest.mark.parametrize("layout", ["v0.1 legacy", "v0.1 hub"])
 def test_answer_and_delimiter_continue_the_sequence_without_an_extra_space(layout_dir, layout):
     """Mid-sequence text gets no SentencePiece '▁' prefix: ' 42' is '▁42', not '▁▁42'."""
-    from data import answer_ids, delimiter_ids
+    from data import answer_ids, encode_delimiter
     tok = Tokenizer.from_pretrained(layout_dir(layout))
     ids = answer_ids(tok, "42")
     assert ids[-1] == tok.eos_id
     assert ids[:-1] == tok.encode("42")  # '▁42': the space-prefixed word, as at the start of a text
-    delim = delimiter_ids(tok, "\nAnswer:")
-    assert delim != tok.encode("\nAnswer:") and tok.encode("\nAnswer:")[-len(delim):] == delim
+    delimiter_ids = encode_delimiter(tok, "\nAnswer:")
+    assert delimiter_ids != tok.encode("\nAnswer:") and tok.encode("\nAnswer:")[-len(delimiter_ids):] == delimiter_ids

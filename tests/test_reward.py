@@ -171,11 +171,11 @@ def test_group_normalise_all_zero_and_nearly_equal_groups_get_zero_advantage():
 # ---- batch construction: roles, padding, emitted vs appended delimiter ----
 
 def test_build_batch_roles_padding_and_delimiter():
-    delim = [7, 8]
+    delimiter_ids = [7, 8]
     rows = [([10, 11], [20, 21, 7, 8], True, [30, 1]),   # emitted: the delimiter is part of the trace
             ([10], [20], False, [30, 31, 1]),            # truncated: the delimiter is appended
             ([10, 11, 12], [], False, [30, 1])]          # empty trace
-    b = build_batch(rows, delim)
+    b = build_batch(rows, delimiter_ids)
     assert b.tokens.tolist() == [[10, 11, 20, 21, 7, 8, 30, 1],
                                  [10, 20, 7, 8, 30, 31, 1, 0],
                                  [10, 11, 12, 7, 8, 30, 1, 0]]
@@ -217,15 +217,15 @@ def direct_logprobs(model, seq):
 @pytest.mark.parametrize("trace_too", [False, True])
 def test_score_answers_equals_direct_per_row_computation(trace_too):
     model = tiny_model(seed=1)
-    prompt, delim, answer = [5, 6, 7], [9], [20, 21, 1]
+    prompt, delimiter_ids, answer = [5, 6, 7], [9], [20, 21, 1]
     traces = [[10, 11, 12], [13], [14, 15, 9], []]
     emitted = [False, False, True, False]
     rows = [(prompt, z, e, answer) for z, e in zip(traces, emitted)] + [(prompt, [], False, answer)]
     with torch.no_grad():
-        batch, logprobs, logc, mask = score_answers(model, rows, delim, trace_too=trace_too)
+        batch, logprobs, logc, mask = score_answers(model, rows, delimiter_ids, trace_too=trace_too)
     assert logc.shape == (5, 3) and mask.all()
     for k, (z, e) in enumerate(zip(traces, emitted)):
-        seq = prompt + z + ([] if e else delim) + answer
+        seq = prompt + z + ([] if e else delimiter_ids) + answer
         lp = direct_logprobs(model, seq)
         ans = [lp[t - 1] for t in range(len(seq) - len(answer), len(seq))]
         torch.testing.assert_close(logc[k], torch.tensor(ans), atol=1e-5, rtol=1e-5)
@@ -233,7 +233,7 @@ def test_score_answers_equals_direct_per_row_computation(trace_too):
         expected = torch.tensor([lp[t - 1] for t in trace_pos]) if trace_too else torch.zeros(len(z))
         torch.testing.assert_close(logprobs[k, trace_pos], expected, atol=1e-5, rtol=1e-5)
         assert (logprobs[k, :len(prompt)] == 0).all()  # the prompt is never scored
-        d = slice(len(prompt) + len(z), len(prompt) + len(z) + (0 if e else len(delim)))
+        d = slice(len(prompt) + len(z), len(prompt) + len(z) + (0 if e else len(delimiter_ids)))
         assert torch.equal(batch.format_mask[k, d], torch.ones(d.stop - d.start, dtype=torch.bool))
         assert trace_too or (logprobs[k, d] == 0).all()
     # the empty-trace row equals trace 3 (an empty, non-emitted trace) exactly

@@ -84,7 +84,7 @@ def test_refusal_is_one_line_without_traceback(tiny_setup):
     ("--warmup_frac=1.5", "--warmup_frac=1.5: must be in [0, 1]"), ("--min_lr_frac=-0.1", "--min_lr_frac"),
     ("--clip_low=1.2", "--clip_low=1.2"), ("--clip_high=0.9", "--clip_high=0.9: must be ≥ 1"),
     ("--eval_questions=-1", "--eval_questions"), ("--save_every=-2", "--save_every"),
-    ("--device=tpu", "--device='tpu': must be auto, cpu, cuda or cuda:N"), ("--think_end=", "--think_end='': must be"),
+    ("--device=tpu", "--device='tpu': must be auto, cpu, cuda or cuda:N"), ("--delimiter=", "--delimiter='': must be"),
     ("--data=", "--data='': must be one or more JSONL files"), ("--steps=1", "--steps is given twice"),
 ])
 def test_every_flag_is_checked_naming_it_and_its_range(flag, message):
@@ -96,8 +96,8 @@ def test_every_flag_is_checked_naming_it_and_its_range(flag, message):
 
 def test_missing_special_token_delimiter_is_an_error_before_the_model(tiny_setup, tmp_path, monkeypatch):
     monkeypatch.setattr(train, "load_for_training", lambda *a: pytest.fail("loaded the model"))
-    message = main_error(argv(tiny_setup, tmp_path / "o", "--think_end=<|nonexistent|>"))
-    assert "--think_end='<|nonexistent|>' looks like a special token" in message and str(tiny_setup[1]) in message
+    message = main_error(argv(tiny_setup, tmp_path / "o", "--delimiter=<|nonexistent|>"))
+    assert "--delimiter='<|nonexistent|>' looks like a special token" in message and str(tiny_setup[1]) in message
 
 
 def test_bad_data_is_a_one_line_error_naming_the_line(tiny_setup, tmp_path, monkeypatch):
@@ -161,7 +161,7 @@ def saved_run(setup, out, steps=1):
     checkpoint.prepare_out_dir(cfg)
     model = Transformer.from_pretrained(setup[1])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    checkpoint.save_checkpoint(model, optimizer, steps, cfg)
+    checkpoint.save_checkpoint(model, optimizer, steps, cfg, cfg.model_dir)
     checkpoint._release_lock(os.path.join(out, checkpoint.LOCK), os.getpid())
     return cfg, model, optimizer
 
@@ -177,7 +177,7 @@ def test_failed_save_names_the_file_and_keeps_the_previous_checkpoint(tiny_setup
         raise OSError(28, "No space left on device", str(path))
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(SystemExit, match="failed writing .*train_state.pt: No space left on device; the previous"):
-        checkpoint.save_checkpoint(model, optimizer, 2, cfg)
+        checkpoint.save_checkpoint(model, optimizer, 2, cfg, cfg.model_dir)
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == files  # nothing changed, no staging left
     assert checkpoint.read_manifest(out)["step"] == 1
 
@@ -195,7 +195,7 @@ def test_non_finite_weights_are_refused_at_load_and_never_saved(tiny_setup, tmp_
     message = main_error(argv(tiny_setup, tmp_path / "o", f"--model_dir={broken}"))
     assert str(broken) in message and "1 non-finite values (NaN or inf) in layers.0.attn.wq.weight" in message
     with pytest.raises(SystemExit, match="the weights at step 3: 1 non-finite"):
-        checkpoint.save_checkpoint(model, None, 3, Config(out_dir=str(tmp_path / "x")))
+        checkpoint.save_checkpoint(model, None, 3, Config(out_dir=str(tmp_path / "x")), "")
     for script, args in (("eval.py", ["--think=False", f"--out={tmp_path / 'e.jsonl'}"]), ("sample.py", [])):
         run = subprocess.run([sys.executable, os.path.join(ROOT, script), f"--model_dir={broken}", "--device=cpu",
                               *args], capture_output=True, text=True, timeout=120)

@@ -6,18 +6,21 @@ import math
 import os
 import subprocess
 import sys
+import shutil
 import types
 
 import pytest
 import torch
 from conftest import ROOT, tiny_model
 
+import checkpoint
 import train
 from cli import Config
-from data import answer_ids, delimiter_ids, prompt_ids
+from data import answer_ids, encode_delimiter, prompt_ids
 from model import Transformer, token_logprobs
 from reward import answer_logc, build_batch, score_answers, score_empty_traces, score_traces
 from sample import generate
+from tokenizer import Tokenizer
 
 NO_AMP = contextlib.nullcontext  # the precision policy's autocast factory for float32
 
@@ -57,14 +60,14 @@ QUESTIONS = [dict(question="2+3", answer="5"), dict(question="7*6", answer="42")
 
 
 def step_cfg(**overrides):
-    return make_cfg(**{**dict(samples_per_question=4, max_think_tokens=6, instruction="", think_end="<think_end>"),
+    return make_cfg(**{**dict(samples_per_question=4, max_think_tokens=6, instruction="", delimiter="<think_end>"),
                        **overrides})
 
 
-def mean_answer_logprob(model, groups, delim):
+def mean_answer_logprob(model, groups, delimiter_ids):
     """Mean log π(y*_i | x, z_k, y*_<i) over every answer token of every trace of every group."""
     rows = [(g.prompt, z, e, g.answer) for g in groups for z, e in zip(g.traces, g.emitted)]
-    b = build_batch(rows, delim)
+    b = build_batch(rows, delimiter_ids)
     with torch.no_grad():
         lp = token_logprobs(model, b.tokens, b.answer_mask)
     return lp[b.answer_mask].mean().item()
@@ -84,7 +87,7 @@ def all_finite(model):
     (["--preset=rlpr", "--aggregation=max"], "--aggregation: expected one of"),
     (["--dtype=bf16-true"], "fp32 master weights"),
     (["--dtype=bfloat16"], "--dtype: expected one of"),
-    (["--minibatches=3"], "must divide --questions_per_step"),
+    (["--minibatches=3"], "must be divisible by --minibatches=3"),
     (["--steps=2", "--steps=3"], "--steps is given twice"),
 ])
 def test_resolve_config_rejects_unknown_preset_and_choices(argv, message):
@@ -265,36 +268,37 @@ def full_logprobs(model, seq):
     return [None] + [lsm[t - 1, seq[t]] for t in range(1, len(seq))]
 
 
-def train_groups(model, groups, delim, cfg, world=1):
+def train_groups(model, groups, delimiter_ids, cfg, world=1):
     """Steps 2–5 of nrt_step on fixed groups (no sampling): the results, gradients left in .grad."""
-    logc_empty = score_empty_traces(model, [(g.prompt, g.answer) for g in groups], delim)
+    logc_empty = score_empty_traces(model, [(g.prompt, g.answer) for g in groups], delimiter_ids)
     norm = len(groups) * world * cfg.samples_per_question * cfg.max_think_tokens
-    return [train.train_on_group(model, g, lc0, None, delim, cfg, NO_AMP, norm) for g, lc0 in zip(groups, logc_empty)]
+    return [train.train_on_group(model, g, lc0, None, delimiter_ids, cfg, NO_AMP, norm)
+            for g, lc0 in zip(groups, logc_empty)]
 
 
 @pytest.mark.parametrize("token_weight", ["fixed", "derived"])
 def test_update_loss_and_gradient_equal_the_formula(token_weight):
     model = tiny_model(seed=3)
     reference = copy.deepcopy(model)
-    delim, max_think = [2], 5
+    delimiter_ids, max_think = [2], 5
     cfg = make_cfg(samples_per_question=4, max_think_tokens=max_think, baseline_clip=False, grad_clip=1e9,
                    token_weight=token_weight, aggregation="ws_nlog")
     groups = manual_groups()
-    results = train_groups(model, groups, delim, cfg)
+    results = train_groups(model, groups, delimiter_ids, cfg)
 
     norm = len(groups) * 4 * max_think  # B·K·max_think_tokens, whatever the traces' actual lengths
     totals = dict(policy=0.0, format=0.0, answer_nll=0.0)
     for g, r in zip(groups, results):
-        empty = full_logprobs(reference, g.prompt + delim + g.answer)
+        empty = full_logprobs(reference, g.prompt + delimiter_ids + g.answer)
         le = torch.stack(empty[-len(g.answer):]).detach()
         torch.testing.assert_close(r.logc_empty, le, atol=1e-5, rtol=1e-5)
         per_trace = []
         for z, e in zip(g.traces, g.emitted):
-            seq = g.prompt + z + ([] if e else delim) + g.answer
+            seq = g.prompt + z + ([] if e else delimiter_ids) + g.answer
             lp = full_logprobs(reference, seq)
             P, Z = len(g.prompt), len(z)
             per_trace.append(dict(trace=sum(lp[P:P + Z], torch.tensor(0.0)),
-                                  fmt=torch.tensor(0.0) if e else sum(lp[P + Z:P + Z + len(delim)]),
+                                  fmt=torch.tensor(0.0) if e else sum(lp[P + Z:P + Z + len(delimiter_ids)]),
                                   ans=torch.stack(lp[-len(g.answer):])))
         # R_k = (1/T) Σ −log c^∅_i · c_ik (ws_nlog); no baseline clip; A = (R − mean)/(std + eps)
         R = torch.stack([(-le * d["ans"].detach().exp()).mean() for d in per_trace])
@@ -360,14 +364,14 @@ def test_rollout_traces_emitted_flags_and_dropped_eos():
 def test_one_nrt_step_raises_answer_logprob_given_the_same_traces(minibatches):
     model = tiny_model(seed=2)
     cfg = step_cfg(minibatches=minibatches, questions_per_step=2)
-    delim = delimiter_ids(TOK, cfg.think_end)
-    assert delim == [2]
+    delimiter_ids = encode_delimiter(TOK, cfg.delimiter)
+    assert delimiter_ids == [2]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
     groups = train.rollout(model, TOK, QUESTIONS, cfg, 0)
-    before = mean_answer_logprob(model, groups, delim)
-    log, examples = train.nrt_step(model, optimizer, TOK, delim, QUESTIONS, cfg, NO_AMP, seed=0)
+    before = mean_answer_logprob(model, groups, delimiter_ids)
+    log, examples = train.nrt_step(model, optimizer, TOK, delimiter_ids, QUESTIONS, cfg, NO_AMP, seed=0)
     assert [g.traces for g, _ in examples] == [g.traces for g in groups]  # the same seed, the same traces
-    after = mean_answer_logprob(model, groups, delim)
+    after = mean_answer_logprob(model, groups, delimiter_ids)
     assert after > before + 0.1, (before, after)
     assert all_finite(model) and math.isfinite(log["grad_norm"]) and math.isfinite(log["loss"])
     assert optimizer.state[next(model.parameters())]["step"].item() == minibatches
@@ -379,15 +383,15 @@ def test_minibatches_one_rollout_four_updates_unit_importance_weight_first():
     model = tiny_model(seed=2)
     questions = [dict(question=f"{a}+{a}", answer=str(2 * a)) for a in range(4)]
     cfg = step_cfg(minibatches=4, questions_per_step=4)
-    delim = [2]
+    delimiter_ids = [2]
     g = train.rollout(model, TOK, questions[:1], cfg, 1)[0]
-    logc_old, old = score_traces(model, g.rows(), delim)
-    batch, lp, logc, _ = score_answers(model, g.rows(), delim, trace_too=True)  # the first update's forward
+    logc_old, old = score_traces(model, g.rows(), delimiter_ids)
+    batch, lp, logc, _ = score_answers(model, g.rows(), delimiter_ids, trace_too=True)  # the first update's forward
     ratio = (lp - old).exp()[batch.trace_mask]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-6, rtol=0)
     torch.testing.assert_close(logc.detach(), logc_old, atol=1e-6, rtol=0)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    log, _ = train.nrt_step(model, optimizer, TOK, delim, questions, cfg, NO_AMP, seed=1)
+    log, _ = train.nrt_step(model, optimizer, TOK, delimiter_ids, questions, cfg, NO_AMP, seed=1)
     assert optimizer.state[next(model.parameters())]["step"].item() == 4
     assert math.isfinite(log["grad_norm"]) and 0 <= log["clip_ratio/region_mean"] <= 1
 
@@ -397,25 +401,26 @@ def test_off_policy_update_with_emitted_traces_shorter_than_the_delimiter():
     one token that decodes to it): the old log-probs must still line up with the update's."""
     model = tiny_model(seed=2)
     cfg = step_cfg(minibatches=2, samples_per_question=2)
-    delim = [4 + CharTokenizer.CHARS.index("#")] * 2  # the text delimiter "##" encodes as two tokens
+    delimiter_ids = [4 + CharTokenizer.CHARS.index("#")] * 2  # the text delimiter "##" encodes as two tokens
     g = train.Group(dict(question="q", answer="a"), [3, 50, 51], [60, 1], [[100], [100]], [True, True], [[-1.0]] * 2)
-    logc_empty = score_empty_traces(model, [(g.prompt, g.answer)], delim)[0]
-    r = train.train_on_group(model, g, logc_empty, score_traces(model, g.rows(), delim), delim, cfg, NO_AMP, 8)
+    logc_empty = score_empty_traces(model, [(g.prompt, g.answer)], delimiter_ids)[0]
+    old = score_traces(model, g.rows(), delimiter_ids)
+    r = train.train_on_group(model, g, logc_empty, old, delimiter_ids, cfg, NO_AMP, 8)
     assert all(math.isfinite(v) for v in r.terms.values())
 
 
 def test_sft_step_raises_answer_logprob():
     model = tiny_model(seed=4)
     cfg = step_cfg(method="sft")
-    delim = [2]
+    delimiter_ids = [2]
     rows = [(prompt_ids(TOK, q["question"], cfg.instruction, cfg.system), [], False,
              answer_ids(TOK, q["answer"])) for q in QUESTIONS]
     groups = [types.SimpleNamespace(prompt=p, answer=a, traces=[[]], emitted=[False]) for p, _, _, a in rows]
-    before = mean_answer_logprob(model, groups, delim)
+    before = mean_answer_logprob(model, groups, delimiter_ids)
     n_answer_tokens = sum(len(a) for _, _, _, a in rows)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95))
-    log, _ = train.sft_step(model, optimizer, TOK, delim, QUESTIONS, cfg, NO_AMP)
-    after = mean_answer_logprob(model, groups, delim)
+    log, _ = train.sft_step(model, optimizer, TOK, delimiter_ids, QUESTIONS, cfg, NO_AMP)
+    after = mean_answer_logprob(model, groups, delimiter_ids)
     # the loss is the answer NLL summed over tokens, averaged over questions
     assert log["loss/answer_nll"] == pytest.approx(-before * n_answer_tokens / len(QUESTIONS), rel=1e-4)
     assert after > before + 0.1 and all_finite(model)
@@ -448,10 +453,10 @@ def test_apply_update_with_nan_gradient_leaves_weights_and_optimizer_unchanged(c
 def test_update_with_nan_reward_skips_the_step():
     model = tiny_model(seed=2)
     cfg = step_cfg()
-    delim = [2]
+    delimiter_ids = [2]
     g = train.rollout(model, TOK, QUESTIONS[:1], cfg, 0)[0]
     nan_empty = torch.full((len(g.answer),), float("nan"))  # → R, A, loss all NaN
-    train.train_on_group(model, g, nan_empty, None, delim, cfg, NO_AMP, 10)
+    train.train_on_group(model, g, nan_empty, None, delimiter_ids, cfg, NO_AMP, 10)
     weights = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     assert not math.isfinite(train.apply_update(model, optimizer, cfg))
@@ -478,7 +483,8 @@ def tiny_setup(tmp_path_factory):
     vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tokenizer = dict(version="1.0", normalizer=None,
                      pre_tokenizer=dict(type="ByteLevel", add_prefix_space=False, trim_offsets=True, use_regex=True),
-                     added_tokens=[dict(id=256 + i, content=s, special=True) for i, s in enumerate(SPECIAL_TOKENS)],
+                     added_tokens=[dict(id=256 + i, content=s, single_word=False, lstrip=False, rstrip=False,
+                                       normalized=False, special=True) for i, s in enumerate(SPECIAL_TOKENS)],
                      model=dict(type="BPE", vocab=vocab, merges=[]))
     model = tiny_model(vocab_size=256 + len(SPECIAL_TOKENS), max_position_embeddings=512, seed=7)
     model.save_pretrained(str(model_dir))
@@ -585,6 +591,64 @@ def test_fresh_run_into_a_checkpoint_folder_refuses(tiny_setup, resumed_runs):
     assert missing.returncode != 0 and "does not exist" in missing.stderr
 
 
+# ---- the released recipe's delimiter: a new special token, its rows copied from EOS ----
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_new_delimiter_token_rows_from_eos_and_old_logits_unchanged(tied):
+    model = tiny_model(seed=1, tie_word_embeddings=tied)
+    base, x = copy.deepcopy(model), torch.tensor([[5, 17, 99, 3]])
+    checkpoint.init_token_row(model, 101, source_id=7)  # 101 rows: the new id grows the vocabulary by one
+    assert model.cfg.vocab_size == model.cfg.hf["vocab_size"] == 102 and model.embed.weight.shape[0] == 102
+    assert (model.lm_head.weight is model.embed.weight) == tied
+    assert torch.equal(model.embed.weight[101], model.embed.weight[7])
+    assert torch.equal(model.lm_head.weight[101], model.lm_head.weight[7])
+    logits = model(x)
+    assert torch.equal(logits[..., :101], base(x)) and torch.equal(logits[..., 101], logits[..., 7])
+    checkpoint.init_token_row(model, 50, source_id=7)  # a spare row inside the vocabulary: no growth
+    assert model.cfg.vocab_size == 102 and torch.equal(model.embed.weight[50], model.embed.weight[7])
+
+
+def test_new_delimiter_token_saved_and_reloaded_by_us_and_transformers(tiny_setup, tmp_path):
+    name, model_dir = "<|response_start|>", tiny_setup[1]
+    folder = checkpoint.extend_tokenizer(str(model_dir), name)
+    tok = Tokenizer.from_pretrained(folder)
+    new = tok.special_id(name)
+    assert new == 259 and tok.encode(name, allow_special=True) == [new] and tok.eos_id == 258
+    model, base = Transformer.from_pretrained(model_dir), Transformer.from_pretrained(model_dir)
+    checkpoint.init_token_row(model, new, tok.eos_id)
+    out = tmp_path / "resized"
+    model.save_pretrained(str(out))
+    for file in os.listdir(folder):
+        shutil.copy(os.path.join(folder, file), out / file)
+    x = torch.tensor([[257, 10, 20, 30, 258, 259]])
+    reloaded = Transformer.from_pretrained(out)
+    ours = reloaded(x)
+    assert Tokenizer.from_pretrained(out).special_id(name) == new
+    torch.testing.assert_close(reloaded(x[:, :-1])[..., :259], base(x[:, :-1]), atol=0, rtol=0)  # old tokens: unchanged
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, ours, atol=1e-5, rtol=1e-5)
+    assert transformers.AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(name) == new
+
+
+def test_paper_preset_trains_with_the_new_token_and_resumes(tiny_setup, tmp_path):
+    out = tmp_path / "paper"
+    args = ("--preset=paper", "--minibatches=2")
+    first = run_train(tiny_setup, out, "--steps=1", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    saved = json.loads((out / "tokenizer.json").read_text())["added_tokens"]
+    assert saved[-1]["content"] == "<|response_start|>" and saved[-1]["id"] == 259
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 260
+    assert json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]["259"]["special"]
+    resumed = run_train(tiny_setup, out, "--steps=2", "--resume=True", *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["step"] for r in read_log(out)] == [1, 2]
+    assert read_tensors(out)["model.embed_tokens.weight"].shape[0] == 260
+    lora = run_train(tiny_setup, tmp_path / "lora", "--steps=1", "--lora_rank=2", *args)
+    assert lora.returncode != 0 and "--new_delimiter_token" in lora.stderr
+
+
 DDP_SCRIPT = """
 import sys, torch
 sys.path[:0] = [{root!r}, {tests!r}]
@@ -633,7 +697,6 @@ def test_smoke_preset_on_the_real_default_model(default_model_dir, tmp_path):
     logs = read_log(out)
     assert [entry.get("eval") for entry in logs] == ["before", None, None, "after"]
     assert LOG_KEYS <= set(logs[1])
-    from tokenizer import Tokenizer
     model, tok = Transformer.from_pretrained(out), Tokenizer.from_pretrained(out)
     ids = tok.encode_chat([dict(role="user", content="What is 2 plus 3?")])
     assert len(generate(model, [ids], max_new_tokens=3, temperature=0).tokens[0]) == 3
