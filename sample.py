@@ -17,19 +17,21 @@ Choices
     without stop ids or strings); tokens and log-probs stay on the device until the end.
   - Inverse-CDF draws (cumsum + searchsorted against one uniform per row from an explicit generator):
     reproducible, ~10x cheaper than torch.multinomial over 49k tokens. Every step draws a uniform for
-    every row of the whole batch, so a row's samples never depend on when others stop (nor, with
-    row_slice, on how rows are split over calls).
+    every row of the whole batch, so a row's samples never depend on when others stop.
   - Log-probs are those of the distribution sampled from (after temperature, top-k, top-p), from fp32
     logits; with temperature 0 (greedy) the model's plain log-probs.
-  - torch.no_grad, not inference_mode: autocast caches its fp32 → bf16 weight casts for the whole
-    autocast region only outside inference_mode. The cache is kept in the autocast dtype.
+  - Under autocast (bf16-mixed) the linear layers' fp32 weights are copied to bf16 once per call and put
+    back after it: autocast's own cast cache is eager-only (a compiled decode step would re-cast every weight
+    at every step) and bypassed under inference_mode. The embedding, norms and the fp32 vocabulary
+    projection keep fp32 weights, so the residual stream stays fp32 as in training. The cache is bf16.
   - Stop strings are checked on text through the caller's `decode`, on each row's last few tokens.
 
 Left out
   Beam search, repetition penalties, speculative decoding, paged caches, a rolling sliding-window
-  cache (the mask enforces Mistral's window). Under torch.compile the autocast weight casts are in
-  the compiled graph, i.e. every step (autocast's cast cache is eager-only).
+  cache (the mask enforces Mistral's window).
 """
+import contextlib
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -172,11 +174,39 @@ def matches_stop_string(ids: list[int], stop_strings, decode) -> bool:
     return any(s in tail for s in stop_strings)
 
 
+@contextlib.contextmanager
+def linear_weights_in_autocast_dtype(model):
+    """Under autocast with fp32 weights: every linear layer but the vocabulary projection holds a copy of its
+    weight in the autocast dtype until the block ends, so no step casts a weight again (module docstring)."""
+    device = model.embed.weight.device.type
+    if not torch.is_autocast_enabled(device) or model.embed.weight.dtype != torch.float32:
+        yield
+        return
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
+    fp32 = [m.weight.data for m in linears]
+    try:
+        for m in linears:
+            m.weight.data = m.weight.data.to(torch.get_autocast_dtype(device))
+        yield
+    finally:
+        for m, w in zip(linears, fp32):
+            m.weight.data = w
+
+
+def casting_weights_once(fn):
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with linear_weights_in_autocast_dtype(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
+
+
+@casting_weights_once
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0,
              top_p=1.0, stop_ids=(), stop_strings=(), decode=None, generator=None) -> Generation:
     """Sample `num_samples` continuations of each prompt; rows are grouped by prompt (row = p*K + s).
-    Run it inside the caller's autocast for bf16-mixed (one autocast region: each weight is cast once)."""
+    Run it inside the caller's autocast for bf16-mixed: each linear weight is cast once per call."""
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("generate: every prompt needs at least one token")
     if stop_strings and decode is None:

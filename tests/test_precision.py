@@ -51,8 +51,24 @@ def test_bf16_mixed_generate_casts_each_weight_once():
     short, long = weight_casts(model, 2), weight_casts(model, 12)
     assert 0 < short <= matrices  # the first step casts each weight once ...
     assert long == short  # ... and no later decode step casts again
-    # the counter can fail: inference_mode bypasses autocast's cast cache, so every step re-casts
-    assert weight_casts(model, 12, outer=torch.inference_mode) > long
+    assert weight_casts(model, 12, outer=torch.inference_mode) == long  # the copy does not rely on autocast's cache
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the fp32 weights are back afterwards
+    # the counter can fail: without the copy, inference_mode bypasses autocast's cast cache and every step re-casts
+    with torch.inference_mode(), bf16_mixed(), CountWeightCasts(model.parameters()) as counter:
+        cache = sample.KVCache(model.cfg, 1, 8, torch.bfloat16, "cpu")
+        for pos in range(3):
+            sample.decode_step(model, torch.tensor([pos + 1]), pos, cache)
+    assert counter.count == 3 * short
+
+
+def test_bf16_mixed_generate_runs_on_bf16_linear_weights():
+    """What a (compiled) decode step sees: bf16 linear weights, nothing to cast in its graph; fp32 lm_head."""
+    model, seen = tiny_model(), set()
+    model.layers[0].attn.wq.register_forward_hook(lambda m, i, o: seen.add((m.weight.dtype, o.dtype)))
+    with torch.no_grad(), bf16_mixed():
+        out = generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0)
+    assert seen == {(torch.bfloat16, torch.bfloat16)} and model.layers[0].attn.wq.weight.dtype == torch.float32
+    assert model.lm_head.weight.dtype == torch.float32 and len(out.tokens[0]) == 4
 
 
 def test_kv_cache_is_in_the_autocast_dtype(monkeypatch):
