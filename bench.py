@@ -12,6 +12,7 @@ the --dtype precision (cli.resolve_precision: weights in its dtype, every run in
   throughput (token_logprobs, no grad); peak memory (CUDA allocator peak on a GPU, process max RSS on
   CPU); and, when `transformers` is installed and --hf=True, Hugging Face `generate` at batch 1 and 8
   on the same weights and settings. ours_vs_hf_b1/b8 divide our fastest decode (eager or compiled).
+  matmul_floor_b1_tok_s: every weight matrix times one row, per second: no batch-1 decoder can beat it.
 """
 import json
 import os
@@ -103,6 +104,15 @@ def main():
             print(f"cached  batch {rows}  {new:3d} new tokens: {rows * new / seconds:7.1f} tok/s ({seconds:.2f}s)")
     results["decode_b1_tok_s"] = results["decode_b1_256_tok_s"]
     results["decode_b8_tok_s"] = results["decode_b8_256_tok_s"]
+    # The batch-1 floor: each weight matrix multiplied once by one row, the least work any decoder does per token
+    # (at batch 1 that is reading every weight from memory); no attention, norms or sampling.
+    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    rows1 = {w.shape[1]: torch.randn(1, w.shape[1], device=device) for w in mats}
+    with torch.no_grad(), autocast():
+        seconds, _ = timed(lambda: [torch.nn.functional.linear(rows1[w.shape[1]], w) for w in mats], 20)
+    results["matmul_floor_b1_tok_s"] = 1 / seconds
+    print(f"batch-1 floor (every weight matrix times one row): {1 / seconds:7.1f} tok/s; cached batch 1 is "
+          f"{results['decode_b1_tok_s'] * seconds:.0%} of it")
 
     ids = (prompt * (cfg["score_len"] // len(prompt) + 1))[:cfg["score_len"]]
     seq = torch.tensor([ids] * cfg["score_rows"], device=device)
@@ -152,6 +162,8 @@ def main():
             results[f"ours_vs_hf_b{rows}"] = fastest[rows] / results[f"hf_b{rows}_tok_s"]
             if rows == 1:
                 results["greedy_equals_hf"] = hf_tokens == tokens[(1, 256)]
+                print(f"HF generate batch 1 is {results['hf_b1_tok_s'] / results['matmul_floor_b1_tok_s']:.0%} of "
+                      f"the batch-1 floor")
             same = hf_tokens == tokens[(rows, 256)]
             print(f"HF generate batch {rows} 256 new tokens: {results[f'hf_b{rows}_tok_s']:7.1f} tok/s; ours "
                   f"(fastest) / HF = {results[f'ours_vs_hf_b{rows}']:.2f}; same tokens: {same}")

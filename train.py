@@ -1,7 +1,6 @@
 """Native Reasoning Training (NRT) on question–answer pairs, on one CPU or GPU. The method: NRT.md.
 
-    python train.py                                  # the default: SmolLM2-135M on arithmetic + counting, CPU
-    python train.py --model_dir=DIR --data=FILE.jsonl --aggregation=gm --lr=1e-6 ...
+    python train.py [--model_dir=DIR --data=FILE.jsonl --aggregation=gm --preset=paper ...]   # the default: README
 
 One step, read top-down in `nrt_step` (names as in NRT.md): 1. rollout: K traces per question from the
 KV-cached sampler; 2. score ∅: log c^∅ of the empty trace, no grad (R(∅) and the ws_* weights); 3. ONE
