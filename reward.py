@@ -101,10 +101,13 @@ def sample_traces(model, tok, prompts, delimiter, max_tokens, num_samples=1, tem
     """K traces per prompt (rows grouped by prompt), each ending at the delimiter or after max_tokens.
 
     Returns (trace ids, emitted, sampler log-probs) per row. `emitted`: the trace wrote the delimiter
-    itself (it stays in the trace and gets the policy gradient). A trace that ends its turn (EOS) before
-    the delimiter is treated like a truncated one: EOS dropped, the delimiter appended when scoring."""
+    itself (it stays in the trace and gets the policy gradient); its text without the surrounding whitespace
+    counts too (" Answer:" for "\nAnswer:"), or a trace that puts it mid-line would run on past its answer.
+    A trace that ends its turn (EOS) before the delimiter is treated like a truncated one: EOS dropped, the
+    delimiter appended when scoring."""
+    stops = [delimiter, delimiter.strip()] if delimiter.strip() not in ("", delimiter) else [delimiter]
     out = generate(model, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temperature,
-                   stop_ids=tok.stop_ids, stop_strings=[delimiter], decode=tok.decode, generator=generator)
+                   stop_ids=tok.stop_ids, stop_strings=stops, decode=tok.decode, generator=generator)
     ended_turn = [why == "stop_id" for why in out.stop_reason]
     traces = [z[:-1] if e else z for z, e in zip(out.tokens, ended_turn)]
     logprobs = [lp[:-1] if e else lp for lp, e in zip(out.logprobs, ended_turn)]

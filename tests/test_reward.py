@@ -1,11 +1,14 @@
 """reward.py: the six aggregations and their token weights, stabilisers, batch masks, scoring, data, matching."""
 import json
 import math
+import types
 
 import pytest
 import torch
 from conftest import tiny_model
 
+import reward
+import sample
 from data import extract_answer, is_correct, load_qa, normalize_answer
 from reward import (AGGREGATIONS, aggregate, answer_logc, build_batch, clip_to_baseline,
                     group_normalise, score_answers, token_weights)
@@ -332,3 +335,21 @@ def test_load_qa_rows_work_with_is_correct(tmp_path):
     path = write(tmp_path, json.dumps({"question": "q", "answer": "4", "aliases": ["four"]}) + "\n")
     (row,) = load_qa(path)
     assert is_correct("Four", row) and is_correct("4.0", row) and not is_correct("5", row)
+
+
+def test_a_trace_writing_the_delimiter_mid_line_counts_as_emitted(monkeypatch):
+    """"… so 7. Answer:" has written "\nAnswer:" but for the newline: it stops there and is emitted."""
+    seen = {}
+
+    def scripted_generate(model, prompts, **kw):
+        seen["stops"], ids = kw["stop_strings"], list(b"so it is 7. Answer:")
+        seen["stopped"] = sample.matches_stop_string(ids, kw["stop_strings"], lambda t: bytes(t).decode())
+        return sample.Generation([ids], [[-1.0] * len(ids)], ["stop_string"], [0])
+
+    monkeypatch.setattr(reward, "generate", scripted_generate)
+    tok = types.SimpleNamespace(stop_ids={0}, decode=lambda t: bytes(t).decode())
+    traces, emitted, _ = reward.sample_traces(None, tok, [[1]], "\nAnswer:", 48)
+    assert seen["stops"] == ["\nAnswer:", "Answer:"] and seen["stopped"] and emitted == [True]
+    assert bytes(traces[0]).endswith(b"Answer:")  # the trace keeps the delimiter it wrote
+    reward.sample_traces(None, tok, [[1]], "<|response_start|>", 48)
+    assert seen["stops"] == ["<|response_start|>"]
