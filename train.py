@@ -6,7 +6,7 @@ One step, read top-down in `nrt_step` (names as in NRT.md): 1. rollout: K traces
 KV-cached sampler; 2. score ∅: log c^∅ of the empty trace, no grad (R(∅) and the ws_* weights); 3. ONE
 teacher-forced forward of prompt ‖ z_k ‖ delimiter ‖ y* gives both log c_{i,k} (detached: the rewards) and
 the log-probs the loss differentiates; 4. advantages: R_k = f(c_k), R'_k = max(0, R_k − R(∅)), A_k = group-
-normalised R'_k; 5. loss = policy gradient + 0.3·format + answer NLL over a constant token count; AdamW.
+normalised R'_k; 5. loss = policy gradient + format (paper: 0.3) + answer NLL over a constant token count.
 
 Simplifications, stated:
   1. Each question's K traces are one micro-batch; gradients accumulate over the step's questions.
@@ -38,9 +38,9 @@ from sample import compile_model
 DEFAULTS = dict(
     # model and data
     model_dir="models/SmolLM2-135M-Instruct",
-    data="data/arithmetic_train.jsonl,data/object_counting_train.jsonl",  # comma-separated JSONL files
-    test_data="data/arithmetic_test.jsonl,data/object_counting_test.jsonl",
-    eval_questions=64,           # held-out questions evaluated before and after (0 = skip)
+    data="data/multi_add_train.jsonl,data/letters_train.jsonl",  # comma-separated JSONL files
+    test_data="data/multi_add_test.jsonl,data/letters_test.jsonl",
+    eval_questions=200,          # held-out questions evaluated before and after, split over test_data (0 = skip)
     skip_too_long=False,         # skip (and count) questions that cannot fit the context; False: an error
     out_dir="out/nrt",
     # the method (NRT.md)
@@ -51,7 +51,7 @@ DEFAULTS = dict(
     baseline_clip=True,          # R' = max(0, R − R(∅))
     policy_loss_coef=1.0,        # weight of the policy gradient on the traces (0: answer NLL after traces only)
     token_loss_coef=1.0,         # weight of the answer NLL term
-    format_loss_coef=0.3,        # weight of the delimiter NLL for traces that did not write it
+    format_loss_coef=0.0,        # delimiter NLL where a trace did not write it: 0.3 in the paper; here it collapses traces
     # the prompt (data.py)
     instruction=INSTRUCTION,     # "Think briefly, then write 'Answer:' followed by the final answer only."
     delimiter=DELIMITER,         # "\nAnswer:": the end-of-thinking delimiter (or a special token's name)
@@ -64,7 +64,7 @@ DEFAULTS = dict(
     temperature=1.0,
     rollout_questions=0,         # questions per sampler call (0 = all B at once; bounds the KV cache on a GPU)
     # optimisation
-    steps=40,
+    steps=50,
     lr=1e-5,
     warmup_frac=0.1,
     min_lr_frac=0.1,             # cosine decay to lr · min_lr_frac (1.0 = constant after warm-up)
@@ -101,7 +101,7 @@ PRESETS = {
     "verifree": dict(aggregation="prob", token_weight="derived", baseline_clip=False),
     # the authors' released recipe (README: "The released recipe"), at this project's batch size and trace length
     "paper": dict(delimiter="<|response_start|>", new_delimiter_token=True, instruction="", baseline_clip=False,
-                  minibatches=4, lr=2e-6, min_lr_frac=1.0, weight_decay=0.01, adam_eps=1e-15),
+                  format_loss_coef=0.3, minibatches=4, lr=2e-6, min_lr_frac=1.0, weight_decay=0.01, adam_eps=1e-15),
 }
 
 

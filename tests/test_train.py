@@ -282,7 +282,7 @@ def test_update_loss_and_gradient_equal_the_formula(token_weight):
     reference = copy.deepcopy(model)
     delimiter_ids, max_think = [2], 5
     cfg = make_cfg(samples_per_question=4, max_think_tokens=max_think, baseline_clip=False, grad_clip=1e9,
-                   token_weight=token_weight, aggregation="ws_nlog")
+                   token_weight=token_weight, aggregation="ws_nlog", policy_loss_coef=0.7, format_loss_coef=0.3)
     groups = manual_groups()
     results = train_groups(model, groups, delimiter_ids, cfg)
 
@@ -317,7 +317,7 @@ def test_update_loss_and_gradient_equal_the_formula(token_weight):
             totals[key] = totals[key] + value
     for key in totals:
         assert sum(r.terms[key] for r in results) == pytest.approx(totals[key].item() / norm, rel=1e-4, abs=1e-6)
-    loss = (totals["policy"] + 0.3 * totals["format"] + 1.0 * totals["answer_nll"]) / norm
+    loss = (0.7 * totals["policy"] + 0.3 * totals["format"] + 1.0 * totals["answer_nll"]) / norm
     loss.backward()
     for (name, p), q in zip(model.named_parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad, atol=2e-6, rtol=1e-4, msg=name)
