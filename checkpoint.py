@@ -149,16 +149,15 @@ def _fsync(path):
         os.close(fd)
 
 
-def extend_tokenizer(model_dir, name):
-    """A temp folder holding model_dir's tokenizer files with `name` added as a special token, id n_vocab (the
+def extend_tokenizer(model_dir, name, new_id):
+    """A temp folder holding model_dir's tokenizer files with `name` added as special token `new_id` (the
     released recipe's delimiter <|response_start|>); read it with Tokenizer.from_pretrained, save it with the model."""
     import tempfile
     file = os.path.join(model_dir, "tokenizer.json")
     if not os.path.isfile(file):
         raise SystemExit(f"--new_delimiter_token: {model_dir} has no tokenizer.json to add {name!r} to "
                          f"(tekken.json and tokenizer.model are not extended)")
-    from tokenizer import Tokenizer
-    new_id, folder = Tokenizer.from_pretrained(model_dir).n_vocab, tempfile.mkdtemp(prefix="nrt_tokenizer_")
+    folder = tempfile.mkdtemp(prefix="nrt_tokenizer_")
     atexit.register(shutil.rmtree, folder, True)
     token = dict(content=name, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
     for n in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, n))]:
@@ -453,7 +452,7 @@ def load_tokenizer(cfg):
     tok = Tokenizer.from_pretrained(folder)
     if not cfg.new_delimiter_token or cfg.delimiter in tok.special_tokens:
         return tok, folder, None
-    folder = extend_tokenizer(cfg.model_dir, cfg.delimiter)
+    folder = extend_tokenizer(cfg.model_dir, cfg.delimiter, tok.n_vocab)  # the next free id
     tok = Tokenizer.from_pretrained(folder)
     return tok, folder, tok.special_id(cfg.delimiter)
 

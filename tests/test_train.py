@@ -610,7 +610,7 @@ def test_new_delimiter_token_rows_from_eos_and_old_logits_unchanged(tied):
 
 def test_new_delimiter_token_saved_and_reloaded_by_us_and_transformers(tiny_setup, tmp_path):
     name, model_dir = "<|response_start|>", tiny_setup[1]
-    folder = checkpoint.extend_tokenizer(str(model_dir), name)
+    folder = checkpoint.extend_tokenizer(str(model_dir), name, Tokenizer.from_pretrained(model_dir).n_vocab)
     tok = Tokenizer.from_pretrained(folder)
     new = tok.special_id(name)
     assert new == 259 and tok.encode(name, allow_special=True) == [new] and tok.eos_id == 258
