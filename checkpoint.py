@@ -1,21 +1,22 @@
 """Checkpoints on disk: Hugging Face model directories in and out, and train.py's out_dir.
 
-`load_model` / `save_model` read and write config.json + safetensors (one file, or shards with an index)
-through model.py's name table; `prepare_out_dir`, `save_checkpoint` and `load_for_training` own train.py's
-out_dir: its rules, its lock, its checkpoints. Choices: a load copies one tensor at a time into the allocated
-parameters (never two copies in memory); every file is written under a temp name, then renamed; out_dir is
-itself a model directory. A checkpoint is one unit: its files go to out_dir/.ckpt-tmp, then its manifest
-(the commit point), then they are renamed into place; the next start finishes or discards a save cut short,
-so kill -9 at any instant leaves the last complete checkpoint.
+`load_model` / `save_model` read and write config.json + safetensors (one file, or shards with an index) through
+model.py's name table; `prepare_out_dir`, `save_checkpoint` and `load_for_training` own train.py's out_dir: its rules,
+its lock, its checkpoints. Choices: a load copies one tensor at a time into the allocated parameters (never two copies
+in memory); every file is written under a temp name, then renamed; out_dir is itself a model directory. A checkpoint is
+one unit: its files go to out_dir/.ckpt-tmp, then its manifest (the commit point), then they are renamed into place;
+the next start finishes or discards a save cut short, so kill -9 at any instant leaves the last complete checkpoint.
 Left out: formats other than safetensors (.bin pickles, GGUF: prepare.py converts the default).
 """
 import atexit
+import fcntl
 import json
-import math
 import os
 import shutil
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from model import ModelConfig, Transformer, hf_names, rope_inv_freq
 
@@ -38,7 +39,6 @@ def load_config(path) -> ModelConfig:
 
 def safetensors_files(path) -> dict[str, str]:
     """HF tensor name -> file holding it, from model.safetensors.index.json or model.safetensors."""
-    from safetensors import safe_open
     index, single = os.path.join(path, "model.safetensors.index.json"), os.path.join(path, "model.safetensors")
     file = index if os.path.isfile(index) else single
     if not os.path.isfile(file):
@@ -56,7 +56,6 @@ def safetensors_files(path) -> dict[str, str]:
 @torch.no_grad()
 def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     """The model in `path`, its parameters in `dtype` on `device`, each checked for presence and shape."""
-    from safetensors import safe_open
     cfg = load_config(path)
     with torch.device("meta"):  # no random init: every parameter is about to be overwritten
         model = Transformer(cfg).to(dtype)
@@ -88,24 +87,20 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
 def save_model(model, path, max_shard_bytes=5 * 2**30, weight=None):
     """config.json + safetensors (sharded with an index above max_shard_bytes), every file atomically.
     `weight(our_name, tensor)` may replace a tensor on its way out (lora.py writes merged weights so)."""
-    from safetensors.torch import save_file
     os.makedirs(path, exist_ok=True)
     params, shards, size = dict(model.named_parameters()), [{}], 0
     for ours, hf in hf_names(model.cfg).items():  # fill shards in order, a new one when the next would overflow
         t = (weight(ours, params[ours].detach()) if weight else params[ours].detach()).contiguous().cpu()
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
             shards, size = shards + [{}], 0
-        shards[-1][hf] = t
-        size += nbytes
+        shards[-1][hf], size = t, size + t.nbytes
     n, index = len(shards), os.path.join(path, "model.safetensors.index.json")
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file, shard in zip(files, shards):
         save_file(shard, os.path.join(path, file + ".tmp"), metadata={"format": "pt"})
         _rename(os.path.join(path, file + ".tmp"), os.path.join(path, file))
     if n > 1:
-        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-        atomic_write(index, {"metadata": {"total_size": total},
+        atomic_write(index, {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard.values())},
                              "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}})
     elif os.path.exists(index):  # a stale index would shadow the new single file
         os.remove(index)
@@ -117,8 +112,7 @@ def atomic_write(file, data):
     """`data` (bytes, or an object written as JSON) into a temp file beside `file`, then renamed over it."""
     with open(file + ".tmp", "wb") as f:
         f.write(data if isinstance(data, bytes) else json.dumps(data, indent=2).encode())
-        f.flush()
-        os.fsync(f.fileno())
+    _fsync(file + ".tmp")
     _rename(file + ".tmp", file)
 
 
@@ -194,7 +188,8 @@ def init_token_row(model, new_id, source_id):
 
 MARKER = "nrt_run.json"   # this trainer's run; also the manifest of its committed checkpoint (step, files, config)
 STAGING = ".ckpt-tmp"     # the next checkpoint is written here, whole, before it is switched in
-LOCK = ".nrt.lock"        # one run per out_dir: holds the pid of the run using it
+LOCK = ".nrt.lock"        # one run per out_dir: flock'ed by the run using it, which writes its pid in it
+_locks = {}               # the lock files this process holds -> their open files (closing one drops its flock)
 # settings that do not change what a run computes: free to change on --resume (every other one is refused)
 FREE_ON_RESUME = {"steps", "eval_questions", "test_data", "example_every", "save_every", "time_budget_min", "resume",
                   "resume_override", "device", "compile", "activation_checkpointing", "dry_run", "gpu_mem_gb",
@@ -236,8 +231,7 @@ def prepare_out_dir(cfg):
     manifest = read_manifest(out) or {}
     step = manifest.get("step", 0)
     if step and not cfg.resume:
-        raise SystemExit(f"{out} already holds a checkpoint (step {step}); pass --resume=True or pick another "
-                         f"--out_dir")
+        raise SystemExit(f"{out} already holds a checkpoint (step {step}); pass --resume=True or pick a new --out_dir")
     if cfg.resume and not step:
         raise SystemExit(f"--resume=True but {out} holds no checkpoint yet; start it afresh without --resume")
     if not step:  # a fresh run: a new log, this run's settings in the marker
@@ -261,15 +255,14 @@ def refuse_foreign(cfg):
     out, ours = cfg.out_dir, os.path.isfile(os.path.join(cfg.out_dir, MARKER))
     if os.path.exists(out) and os.path.realpath(out) == os.path.realpath(cfg.model_dir):
         raise SystemExit(f"--out_dir={out} is the --model_dir: a run never writes over its own starting model")
-    if os.path.exists(out) and not ours:
-        if not os.path.isdir(out):
-            raise SystemExit(f"--out_dir={out} exists and is not a directory")
-        entries = sorted(os.listdir(out))
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise SystemExit(f"--out_dir={out} exists and is not a directory")
+    entries = sorted(os.listdir(out)) if os.path.isdir(out) and not ours else []
+    if entries:
         models = [e for e in entries if e == "config.json" or e.endswith(".safetensors")]
-        if entries:
-            what = f"holds a model ({', '.join(models[:3])})" if models else "is not empty"
-            raise SystemExit(f"--out_dir={out} {what} and is not an nrt run (no {MARKER}): refusing to write into "
-                             f"it; pick a new or empty directory")
+        what = f"holds a model ({', '.join(models[:3])})" if models else "is not empty"
+        raise SystemExit(f"--out_dir={out} {what} and is not an nrt run (no {MARKER}): refusing to write into "
+                         f"it; pick a new or empty directory")
     if cfg.resume and not ours:
         raise SystemExit(f"--resume=True but {out} does not exist or holds no nrt run ({MARKER})")
 
@@ -303,65 +296,45 @@ def truncate_log(path, step):
 
 
 def take_lock(out):
-    """out_dir/.nrt.lock holds our pid until exit. It is made by hard-linking a file that already holds the
-    pid (atomic and exclusive: no half-written lock); a live holder is an error, a dead one's lock (kill -9
-    leaves it) or an unreadable one is taken over."""
-    path, mine = os.path.join(out, LOCK), os.path.join(out, f"{LOCK}.{os.getpid()}")
-    with open(mine, "w") as f:
+    """An exclusive flock on out_dir/.nrt.lock, held until exit; the file holds our pid for the error message. The
+    kernel drops the lock when a run ends, kill -9 included, so the file such a run leaves is simply locked again."""
+    path = os.path.join(out, LOCK)
+    while path not in _locks:  # else this process holds it already (a second prepare_out_dir)
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip()
+            f.close()
+            raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid}; lock file {path})") from None
+        if os.fstat(f.fileno()).st_nlink == 0:  # its holder deleted it on exit as we opened it: open the new one
+            f.close()
+            continue
+        f.truncate(0)
         f.write(f"{os.getpid()}\n")
-    try:
-        for _ in range(3):
-            try:
-                os.link(mine, path)
-                atexit.register(_release_lock, path, os.getpid())
-                return
-            except FileExistsError:
-                try:
-                    with open(path) as f:
-                        pid = int(f.read())
-                except FileNotFoundError:
-                    continue  # released meanwhile
-                except ValueError:
-                    pid = None
-                if pid is not None and pid != os.getpid() and _alive(pid):
-                    raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid}; lock file {path})")
-                os.remove(path)
-        raise SystemExit(f"--out_dir={out}: could not take the lock {path}")
-    finally:
-        os.remove(mine)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)  # signal 0: only asks whether the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        pass
-    return True
+        f.flush()
+        _locks[path] = f
+        atexit.register(_release_lock, path, os.getpid())
 
 
 def _release_lock(path, pid):
-    try:
-        with open(path) as f:
-            if f.read().strip() == str(pid):
-                os.remove(path)
-    except OSError:
-        pass
+    """Delete the lock file, then close it (which drops the flock); a forked child (another pid) leaves it."""
+    if pid == os.getpid() and path in _locks:
+        if os.path.exists(path):  # else out_dir was deleted under the run
+            os.remove(path)
+        _locks.pop(path).close()
 
 
-def check_free_space(cfg, margin=1.1):
+def check_free_space(cfg):
     """Room for a checkpoint beside the previous one: fp32 weights, plus AdamW's two fp32 moments unless LoRA."""
-    from safetensors import safe_open
     try:
-        files = set(safetensors_files(cfg.model_dir).values())
+        safetensors_files(cfg.model_dir)  # its weights are there and readable: checked before anything is loaded
+        with torch.device("meta"):  # the parameter count, nothing allocated
+            n = sum(p.numel() for p in Transformer(load_config(cfg.model_dir)).parameters())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model_dir={cfg.model_dir}: {e}") from None
-    n = 0
-    for file in files:
-        with safe_open(file, framework="pt") as f:
-            n += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    need, free = n * (4 if cfg.lora_rank > 0 else 12) * margin, shutil.disk_usage(cfg.out_dir).free
+    need, free = n * (4 if cfg.lora_rank > 0 else 12) * 1.1, shutil.disk_usage(cfg.out_dir).free  # 10 % margin
     if free < need:
         raise SystemExit(f"--out_dir={cfg.out_dir}: {free / 1e9:.2f} GB free, a checkpoint needs about "
                          f"{need / 1e9:.2f} GB (fp32 weights and optimizer state, written beside the previous one)")
@@ -400,8 +373,7 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_dir):
     train_state.pt (optimizer state, step, config); then the manifest (the commit point); then switched in.
     A failed write names the file and leaves the previous checkpoint as it was."""
     from lora import save_adapters, save_merged
-    out = cfg["out_dir"]
-    stage = os.path.join(out, STAGING)
+    out, stage = cfg["out_dir"], os.path.join(cfg["out_dir"], STAGING)
     check_finite(model, f"the weights at step {step}")
     try:
         shutil.rmtree(stage, ignore_errors=True)
@@ -431,17 +403,16 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_dir):
 
 
 @torch.no_grad()
-def check_finite(model, source, logits=True):
-    """Stop, naming `source`, if a weight (or, with logits=True, a short probe's logits) is NaN or infinite:
-    a broken checkpoint must not be trained, evaluated, sampled or saved."""
+def check_finite(model, source):
+    """Stop, naming `source`, if a weight or a short probe's logits are NaN or infinite: a broken checkpoint
+    must not be trained, evaluated, sampled or saved."""
     for name, p in model.named_parameters():
         bad = (~torch.isfinite(p)).sum().item()
         if bad:
             raise SystemExit(f"{source}: {bad} non-finite values (NaN or inf) in {name}; the weights are broken")
-    if logits:
-        probe = torch.arange(min(8, model.cfg.vocab_size), device=model.embed.weight.device)[None]
-        if not torch.isfinite(model(probe)).all():
-            raise SystemExit(f"{source}: the weights are finite but give non-finite logits (NaN or inf)")
+    probe = torch.arange(min(8, model.cfg.vocab_size), device=model.embed.weight.device)[None]
+    if not torch.isfinite(model(probe)).all():
+        raise SystemExit(f"{source}: the weights are finite but give non-finite logits (NaN or inf)")
 
 
 def load_tokenizer(cfg):

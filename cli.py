@@ -20,15 +20,12 @@ def parse_value(key: str, text: str, default):
     """Parse `text` as the type of `default` (None defaults accept any string, 'None' meaning None)."""
     if text == "None" and (default is None or isinstance(default, str)):
         return None
-    if isinstance(default, bool):
-        if text.lower() not in BOOLS:
-            raise SystemExit(f"--{key}: expected True or False, got {text!r}")
-        return BOOLS[text.lower()]
-    kind = type(default) if isinstance(default, (int, float)) else str
+    kind = type(default) if isinstance(default, (bool, int, float)) else str
     try:
-        return kind(text)
-    except ValueError:
-        raise SystemExit(f"--{key}: expected {kind.__name__}, got {text!r}") from None
+        return BOOLS[text.lower()] if kind is bool else kind(text)
+    except (KeyError, ValueError):
+        expected = "True or False" if kind is bool else kind.__name__
+        raise SystemExit(f"--{key}: expected {expected}, got {text!r}") from None
 
 
 class Config(dict):
@@ -74,6 +71,7 @@ def check_training_flags(c, aggregations):
         if c[key] not in allowed:
             raise SystemExit(f"--{key}: expected one of {allowed}, got {c[key]!r}")
     nrt, frac = c.method == "nrt", "in [0, 1]"
+    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's ranks: each takes an equal share of every mini-batch
     check_ranges(c, **{key: (c[key] >= least, f"≥ {least}") for key, least in AT_LEAST.items()})
     check_ranges(
         c, lr=(0 < c.lr < math.inf, "> 0"), adam_eps=(c.adam_eps > 0, "> 0"), grad_clip=(c.grad_clip > 0, "> 0"),
@@ -86,11 +84,9 @@ def check_training_flags(c, aggregations):
         new_delimiter_token=(not (c.new_delimiter_token and c.lora_rank), "False with --lora_rank > 0 (a frozen "
                              "embedding cannot learn a new token's row)"),
         dtype=(c.dtype != "bf16-true" or c.lora_rank > 0, "bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen "
-               "bf16 base): trained weights need fp32 master weights, as bf16 rounds most updates away"))
-    world = int(os.environ.get("WORLD_SIZE", 1))  # torchrun's ranks: each takes an equal share of every mini-batch
-    if c.questions_per_step % (c.minibatches * world):
-        raise SystemExit(f"--questions_per_step={c.questions_per_step} must be divisible by --minibatches="
-                         f"{c.minibatches} × {world} ranks")
+               "bf16 base): trained weights need fp32 master weights, as bf16 rounds most updates away"),
+        questions_per_step=(c.questions_per_step % (c.minibatches * world) == 0,
+                            f"divisible by --minibatches={c.minibatches} × {world} ranks"))
 
 
 def print_config(config: dict):

@@ -31,22 +31,15 @@ def prompt_ids(tok, question, instruction=INSTRUCTION, system=""):
     return tok.encode_chat(messages)
 
 
-def check_delimiter(tok, delimiter, model_dir=""):
-    """A delimiter shaped like a special token (<|...|>, <...>) must be one, or it would be trained as plain text."""
+def encode_delimiter(tok, delimiter, model_dir=""):
+    """The end-of-thinking delimiter as ids: a special token when it names one, else its text encoding. One shaped
+    like a special token (<|...|>, <...>) must be one: as plain text it would be trained and scored as text."""
     try:
-        tok.special_id(delimiter)
+        return [tok.special_id(delimiter)]
     except KeyError:
         if re.fullmatch(r"<[^<>\s]+>", delimiter):
             raise SystemExit(f"--delimiter={delimiter!r} looks like a special token, but the vocabulary of "
                              f"{model_dir or 'the tokenizer'} has no such token") from None
-    return delimiter
-
-
-def encode_delimiter(tok, delimiter):
-    """The end-of-thinking delimiter as ids: a special token when it names one, else its text encoding."""
-    try:
-        return [tok.special_id(delimiter)]
-    except KeyError:
         return tok.encode(delimiter, continuation=True)
 
 
@@ -160,11 +153,8 @@ def normalize_answer(text: str) -> str:
 
 def extract_answer(text: str) -> str:
     """The first non-empty line after the delimiter, less an "Answer:" / "The answer is" a model often restates."""
-    for line in text.strip().splitlines():
-        line = ANSWER_LEAD_IN.sub("", line.strip(), count=1).strip()
-        if line:
-            return line
-    return ""
+    lines = (ANSWER_LEAD_IN.sub("", line.strip(), count=1).strip() for line in text.strip().splitlines())
+    return next((line for line in lines if line), "")
 
 
 def is_correct(prediction: str, row: dict) -> bool:

@@ -23,7 +23,7 @@ from cli import Config, check_ranges, parse_args, print_config, progress, resolv
 from data import (INSTRUCTION, DELIMITER, answer_ids, encode_delimiter, extract_answer, is_correct, json_safe, load_qa,
                   load_rows, normalize_answer, prompt_ids, resolve_paths)
 from model import Transformer
-from reward import HARD_THRESHOLD, hard_tokens, sample_traces, score_answers
+from reward import hard_tokens, sample_traces, score_answers
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -136,8 +136,8 @@ def evaluate_chunk(model, tok, rows, start, opt, delimiter_ids, generator):
 
 
 def evaluate(model, tok, rows, instruction="", system="", delimiter=DELIMITER, max_think_tokens=48,
-             max_answer_tokens=16, think=True, batch_size=16, hard_threshold=HARD_THRESHOLD, k=1, n_samples=0,
-             temperature=1.0, seed=0, on_examples=lambda chunk: None, label=None):
+             max_answer_tokens=16, think=True, batch_size=16, k=1, n_samples=0, temperature=1.0, seed=0,
+             on_examples=lambda chunk: None, label=None):
     """(summary, per-example dicts) of `rows` (question, answer, aliases?, options?), chunk by chunk: on_examples
     gets each finished chunk, and a `label` turns on a progress line (stderr)."""
     opt = Config(instruction=instruction, system=system, delimiter=delimiter, max_think_tokens=max_think_tokens,
@@ -151,7 +151,7 @@ def evaluate(model, tok, rows, instruction="", system="", delimiter=DELIMITER, m
         on_examples(chunk)
         if label:
             progress(label, len(examples), len(rows), t0)
-    return summarize(examples, think, k, hard_threshold), examples
+    return summarize(examples, think, k), examples
 
 
 def mean(values):
@@ -159,7 +159,7 @@ def mean(values):
     return sum(values) / len(values) if values else float("nan")
 
 
-def summarize(examples, think=True, k=1, hard_threshold=HARD_THRESHOLD):
+def summarize(examples, think=True, k=1):
     """Data-set metrics from the per-example values; skipped questions are counted, not averaged."""
     done = [e for e in examples if "skipped" not in e]
     col = lambda key: [e[key] for e in done if key in e]  # noqa: E731
@@ -173,7 +173,7 @@ def summarize(examples, think=True, k=1, hard_threshold=HARD_THRESHOLD):
         s.update({"answer_logprob" + c: mean(col("answer_logprob" + c)),
                   "token_logprob" + c: mean(mean(lc) for lc in col("logc" + c))})
     pairs = [(x, x0) for e in done for x, x0 in zip(e.get("logc", e["logc_direct"]), e["logc_direct"])]
-    hard = [(x, x0) for x, x0 in pairs if hard_tokens(torch.tensor(x0), hard_threshold)]
+    hard = [(x, x0) for x, x0 in pairs if hard_tokens(torch.tensor(x0))]
     s.update({"hard_token_logprob" + c: mean(x if c == "" else x0 for x, x0 in hard) for c in conds})
     s["frac_hard_tokens"] = len(hard) / len(pairs) if pairs else float("nan")
     if think:

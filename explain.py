@@ -3,21 +3,19 @@
     python explain.py                          # the default model, the first training question
     python explain.py --question=5 --aggregation=gm --samples_per_question=4   # any train.py option
 
-Prints, in order: the prompt and the delimiter; the K sampled traces; a table of the reference
-answer's tokens with c_i after the empty trace and after each trace, and the ws_nlog weights −log c_i^∅;
-the rewards R_k under the chosen aggregation and, for comparison, under all six; R(∅), R'_k and the
-advantages A_k; the three loss terms; then one AdamW step and the same numbers after it. Nothing is
-saved: the checkpoint on disk is never touched. The output is a pure function of the seed.
-Left out: several questions at once, mini-batches (one step is one update here).
+Prints, in order: the prompt and the delimiter; the K sampled traces; a table of the reference answer's tokens
+with c_i after the empty trace and after each trace, and the ws_nlog weights −log c_i^∅; the rewards R_k under the
+chosen aggregation and, for comparison, under all six; R(∅), R'_k and the advantages A_k; the three loss terms;
+then one AdamW step and the same numbers after it. Nothing is saved: the checkpoint on disk is never touched. The
+output is a pure function of the seed. Left out: several questions at once, mini-batches (one step is one update).
 """
 import torch
 
 import train
-from cli import parse_args, resolve_device, resolve_precision
+from cli import check_ranges, parse_args, resolve_device, resolve_precision
 from data import encode_delimiter, load_rows
-from model import Transformer
-from reward import AGGREGATIONS, aggregate, clip_to_baseline, group_normalise, score_answers, score_empty_traces
-from tokenizer import Tokenizer
+from eval import load
+from reward import AGGREGATIONS, aggregate, clip_to_baseline, score_answers, score_empty_traces
 
 DEFAULTS = {**train.DEFAULTS, "question": 0, "samples_per_question": 4, "lr": 1e-4}
 
@@ -33,16 +31,13 @@ def table(tok, answer, logc_empty, logc):
 
 
 def rewards(logc, logc_empty, cfg):
-    """R_k under every aggregation (the chosen one marked), and R(∅), R'_k, A_k under the chosen one."""
-    K, mask = logc.shape[0], torch.ones_like(logc, dtype=torch.bool)
-    empty = logc_empty.expand(K, -1)
-    out = {}
-    for name in AGGREGATIONS:
-        out[name] = aggregate(name, logc, mask, empty)
-        print(f"  R_k {name:<8}{'*' if name == cfg.aggregation else ' '} " + " ".join(f"{r:9.4f}" for r in out[name]))
-    R_empty = aggregate(cfg.aggregation, empty[:1], mask[:1], empty[:1])[0]
-    R_prime = clip_to_baseline(out[cfg.aggregation], R_empty) if cfg.baseline_clip else out[cfg.aggregation]
-    A, zero = group_normalise(R_prime, K)
+    """R_k under every aggregation (the chosen one marked), and R(∅), R'_k, A_k under the chosen one (train.py's)."""
+    mask = torch.ones_like(logc, dtype=torch.bool)
+    out = {name: aggregate(name, logc, mask, logc_empty.expand(len(logc), -1)) for name in AGGREGATIONS}
+    for name, R in out.items():
+        print(f"  R_k {name:<8}{'*' if name == cfg.aggregation else ' '} " + " ".join(f"{r:9.4f}" for r in R))
+    R, R_empty, A, zero = train.advantages(logc, logc_empty, mask, cfg)
+    R_prime = clip_to_baseline(R, R_empty) if cfg.baseline_clip else R
     print(f"  R(∅) = {R_empty:.4f}   R'_k = {'max(0, R_k − R(∅))' if cfg.baseline_clip else 'R_k (no clip)'}: "
           + " ".join(f"{r:.4f}" for r in R_prime))
     print("  A_k = (R'_k − mean) / (std + ε): " + " ".join(f"{a:+.3f}" for a in A)
@@ -52,15 +47,18 @@ def rewards(logc, logc_empty, cfg):
 
 def main(argv=None):
     cfg = parse_args(DEFAULTS, argv)
+    check_ranges(cfg, minibatches=(cfg.minibatches == 1, "1 here (one step is one update)"))
     device = resolve_device(cfg.device)
     weight_dtype, amp = resolve_precision(cfg.dtype, device)
-    model, tok = Transformer.from_pretrained(cfg.model_dir, weight_dtype, device), Tokenizer.from_pretrained(cfg.model_dir)
+    model, tok = load(cfg.model_dir, weight_dtype, device)  # checked finite
     delimiter_ids, rows = encode_delimiter(tok, cfg.delimiter), load_rows(cfg.data)
     q = rows[cfg.question % len(rows)]
-    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95))
+    # train.py's step on this one question: rollout, empty trace, forward + backward, AdamW; its numbers printed below
+    [(g, result)] = train.nrt_step(model, optimizer, tok, delimiter_ids, [q], cfg, amp, cfg.seed)[1]
+    logc_empty, norm = result.logc_empty, len(g.traces) * cfg.max_think_tokens
 
     print("== 1. the prompt (the chat template's user turn) and the end-of-thinking delimiter")
-    g = train.rollout(model, tok, [q], cfg, cfg.seed)[0]
     print(tok.decode(g.prompt) + f"\n  delimiter: {cfg.delimiter!r} = ids {delimiter_ids};  "
           f"reference answer y*: {q['answer']!r}")
     print(f"\n== 2. K = {len(g.traces)} sampled traces (temperature {cfg.temperature}, ≤ {cfg.max_think_tokens} tokens)")
@@ -69,11 +67,6 @@ def main(argv=None):
               f"{tok.decode(z)!r}")
 
     print("\n== 3. c_i = π(y*_i | x, z, y*_<i): the answer's tokens after the empty trace and after each trace")
-    logc_empty = score_empty_traces(model, [(g.prompt, g.answer)], delimiter_ids)[0]
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.95))
-    norm = cfg.samples_per_question * cfg.max_think_tokens
-    result = train.train_on_group(model, g, logc_empty, None, delimiter_ids, cfg, amp, norm)  # forward + backward
     table(tok, g.answer, logc_empty, result.logc)
 
     print(f"\n== 4. rewards (R = f(c); * = --aggregation), the baseline and the advantages")
@@ -86,7 +79,6 @@ def main(argv=None):
     print(f"  answer_nll  {t['answer_nll']:+.4f}  − Σ log c_i: raises y* after every trace (× {cfg.token_loss_coef})")
 
     print(f"\n== 6. after one AdamW step (lr {cfg.lr:g}): the same traces, scored again")
-    train.apply_update(model, optimizer, cfg)
     model.eval()
     with torch.no_grad(), amp():
         _, _, logc_after, _ = score_answers(model, g.rows(), delimiter_ids)

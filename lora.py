@@ -35,17 +35,16 @@ PEFT_PREFIX = "base_model.model."  # PEFT wraps the HF model: base_model (LoraMo
 class LoRALinear(nn.Linear):
     """A frozen linear plus a trainable low-rank update; `weight` is the original layer's Parameter."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, dtype=torch.float32,
-                 generator: torch.Generator | None = None):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, generator=None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.register_parameter("bias", base.bias)
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
-        A = torch.empty(rank, self.in_features, dtype=dtype)  # drawn on CPU: one generator for any device
+        A = torch.empty(rank, self.in_features, dtype=torch.float32)  # drawn on CPU: one generator for any device
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # what nn.Linear and PEFT use for A
         self.lora_A = nn.Parameter(A.to(base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=base.weight.device, dtype=dtype))
+        self.lora_B = nn.Parameter(self.lora_A.new_zeros(self.out_features, rank))  # fp32 too, on the same device
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x):
@@ -56,9 +55,6 @@ class LoRALinear(nn.Linear):
     def delta(self) -> torch.Tensor:
         """(alpha/r)·B·A in fp32: what merging adds to the weight."""
         return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
-
-    def extra_repr(self):
-        return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}"
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:
@@ -109,29 +105,21 @@ def adapter_params(model) -> dict[str, nn.Parameter]:
     return out
 
 
-def hf_targets(model) -> dict[str, str]:
-    """Target ('wq') -> the HF module name in PEFT's target_modules ('q_proj'), read from model.hf_names."""
-    table = hf_names(model.cfg)
-    return {t: table[f"layers.0.{part}.{t}.weight"].split(".")[-2] for t, part in TARGETS.items()}
-
-
 def save_adapters(model, path, base_model: str = ""):
     """adapter_model.safetensors + adapter_config.json in `path` (PEFT's layout), each written atomically."""
-    from safetensors.torch import save_file
-    mods = lora_modules(model)
-    if not mods:
+    from safetensors.torch import save
+    params = adapter_params(model)
+    if not params:
         raise ValueError("the model has no LoRA adapters to save")
-    first, hf = next(iter(mods.values())), hf_targets(model)
+    first = next(iter(lora_modules(model).values()))
     os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, ADAPTER_FILE + ".tmp")
-    save_file({k: p.detach().float().cpu() for k, p in adapter_params(model).items()}, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(path, ADAPTER_FILE))
-    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model or None,
-                  r=first.rank, lora_alpha=first.alpha, lora_dropout=getattr(first.lora_dropout, "p", 0.0),
-                  target_modules=sorted({hf[name.rsplit(".", 1)[1]] for name in mods}),
-                  bias="none", fan_in_fan_out=False, inference_mode=True, init_lora_weights=True,
-                  modules_to_save=None, use_rslora=False, use_dora=False)
-    atomic_write(os.path.join(path, CONFIG_FILE), json.dumps(config, indent=2).encode())
+    tensors = {k: p.detach().float().cpu() for k, p in params.items()}
+    atomic_write(os.path.join(path, ADAPTER_FILE), save(tensors, metadata={"format": "pt"}))
+    atomic_write(os.path.join(path, CONFIG_FILE), dict(  # target_modules: 'q_proj' of '….q_proj.lora_A.weight'
+        peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=base_model or None, r=first.rank,
+        lora_alpha=first.alpha, lora_dropout=getattr(first.lora_dropout, "p", 0.0),
+        target_modules=sorted({k.split(".")[-3] for k in params}), bias="none", fan_in_fan_out=False,
+        inference_mode=True, init_lora_weights=True, modules_to_save=None, use_rslora=False, use_dora=False))
 
 
 def load_adapters(model, path):
@@ -142,7 +130,8 @@ def load_adapters(model, path):
         config = json.load(f)
     if config.get("use_dora") or config.get("use_rslora") or config.get("bias", "none") != "none":
         raise ValueError(f"{path}: DoRA, rsLoRA and bias adapters are not supported")
-    to_short = {hf: t for t, hf in hf_targets(model).items()}
+    table = hf_names(model.cfg)  # PEFT's target_modules ('q_proj') -> ours ('wq')
+    to_short = {table[f"layers.0.{part}.{t}.weight"].split(".")[-2]: t for t, part in TARGETS.items()}
     if not set(config["target_modules"]) <= set(to_short):
         raise ValueError(f"{path}: target_modules {config['target_modules']} not all in {sorted(to_short)}")
     if not lora_modules(model):

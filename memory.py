@@ -19,7 +19,7 @@ import os
 import torch
 
 from checkpoint import load_config
-from cli import parse_args, resolve_device
+from cli import check_ranges, parse_args, resolve_device
 from data import answer_ids, load_rows, prompt_ids
 from model import ModelConfig
 from tokenizer import Tokenizer
@@ -82,15 +82,12 @@ def memory_plan(cfg: ModelConfig, *, K, B, seq_len, weight_bytes, master_fp32, l
     return plan
 
 
-def plan_run(model_cfg: ModelConfig, c, dtype, seq_len, budget_gb, overhead_gb=1.0) -> dict:
-    """memory_plan for the flags of train.py or memory.py (the same names) with dtype resolved (not auto)."""
-    return memory_plan(model_cfg, K=c.samples_per_question, B=c.questions_per_step, seq_len=seq_len,
+def plan_run(model_cfg: ModelConfig, c, dtype, seq_len, budget_gb, title, overhead_gb=1.0) -> dict:
+    """memory_plan for the flags of train.py or memory.py (the same names) with dtype resolved (not auto), printed."""
+    plan = memory_plan(model_cfg, K=c.samples_per_question, B=c.questions_per_step, seq_len=seq_len,
                        weight_bytes=4 if dtype == "float32" else 2, master_fp32=dtype == "bf16-mixed",
                        lora_rank=c.lora_rank, lora_targets=c.lora_targets.split(","),
                        checkpointing=c.activation_checkpointing, budget_gb=budget_gb, overhead_gb=overhead_gb)
-
-
-def print_plan(plan: dict, title: str):
     print(f"{title}\n  parameters {plan['params'] / 1e6:,.1f}M, trained {plan['trainable_params'] / 1e6:,.2f}M, "
           f"training rows of {plan['seq_len']} tokens")
     for key in (*COMPONENTS, "overhead", "total"):
@@ -98,6 +95,7 @@ def print_plan(plan: dict, title: str):
     if plan["budget"] is not None:
         print(f"  {'fits' if plan['fits'] else 'DOES NOT FIT'} in {plan['budget'] / GiB:.1f} GiB "
               f"({100 * plan['total'] / plan['budget']:.0f} %)")
+    return plan
 
 
 def readme_table(budget_gb=80.0, prompt_len=256, think=1024, answer=32, K=8, rank=16) -> str:
@@ -126,11 +124,10 @@ def plan_training_run(cfg) -> dict:
     budget = cfg.gpu_mem_gb or (torch.cuda.get_device_properties(device).total_memory if cuda  # 0: the GPU's
                                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GiB  # or the machine's
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16-mixed" if cuda else "float32"  # as cli.resolve_precision
-    plan = plan_run(load_config(cfg.model_dir), cfg, dtype, prompt + cfg.max_think_tokens + answer, budget,
+    return plan_run(load_config(cfg.model_dir), cfg, dtype, prompt + cfg.max_think_tokens + answer, budget,
+                    f"memory plan ({device}, {cfg.questions_per_step} questions × {cfg.samples_per_question} traces, "
+                    f"prompt ≤ {prompt}, think ≤ {cfg.max_think_tokens}, answer ≤ {answer} tokens):",
                     overhead_gb=1.0 if cuda else 0.5)
-    print_plan(plan, f"memory plan ({device}, {cfg.questions_per_step} questions × {cfg.samples_per_question} "
-                     f"traces, prompt ≤ {prompt}, think ≤ {cfg.max_think_tokens}, answer ≤ {answer} tokens):")
-    return plan
 
 
 DEFAULTS = dict(
@@ -151,11 +148,10 @@ def main():
     if a.readme:
         return print(readme_table(a.gpu_mem_gb, a.prompt_len, a.max_think_tokens, a.answer_len,
                                   a.samples_per_question, a.lora_rank or 16))
-    if a.dtype not in ("bf16-mixed", "bf16-true", "float32"):
-        raise SystemExit(f"--dtype: expected bf16-mixed, bf16-true or float32, got {a.dtype!r}")
+    check_ranges(a, dtype=(a.dtype in ("bf16-mixed", "bf16-true", "float32"), "bf16-mixed, bf16-true or float32"))
     cfg = load_config(a.model_dir) if a.model_dir else preset_config(a.preset_model)
-    plan = plan_run(cfg, a, a.dtype, a.prompt_len + a.max_think_tokens + a.answer_len, a.gpu_mem_gb or None)
-    print_plan(plan, f"memory plan for {os.path.basename(a.model_dir) or a.preset_model}:")
+    plan_run(cfg, a, a.dtype, a.prompt_len + a.max_think_tokens + a.answer_len, a.gpu_mem_gb or None,
+             f"memory plan for {os.path.basename(a.model_dir) or a.preset_model}:")
 
 
 if __name__ == "__main__":

@@ -1,32 +1,32 @@
 """The transformer: one decoder-only model for the Llama and Mistral checkpoint families.
 
 What it is
-  A from-scratch Llama/Mistral decoder (RMSNorm, rotary position embeddings, grouped-query
-  attention with an optional sliding window, SwiGLU MLP), configured from a Hugging Face
-  config.json. Reading and writing checkpoints lives in checkpoint.py.
+  A from-scratch Llama/Mistral decoder (RMSNorm, rotary position embeddings, grouped-query attention with an
+  optional sliding window, SwiGLU MLP), configured from a Hugging Face config.json. Checkpoint I/O: checkpoint.py.
 
 Choices
   - Our module names are short; `hf_names()` is the single table that maps them to HF tensor names.
-  - RoPE uses the rotate-half layout that HF checkpoints are saved in; angles are computed in fp32
-    on the fly for the positions at hand, so a 128k-context Llama 3.1 costs no 128k-row table.
-  - Attention goes through `F.scaled_dot_product_attention`. Without a cache, padding or a window it
-    takes SDPA's causal fast path; otherwise a boolean mask is built from position tensors. A KV cache
-    (see sample.py) is any object with lists `k`/`v` of per-layer (rows, kv_heads, max_len, head_dim)
-    tensors: a chunk is written in place at its position tensor and attention always spans all max_len
-    slots (unwritten ones masked), so a decode step has the same shapes at every position.
-    Left padding is expressed with `key_valid` (rows, keys): pad slots are never attended to.
-  - No Python branch depends on a tensor's shape or value, so torch.compile(dynamic=True) traces the
-    whole forward, layer loop included, as one graph (sample.compile_model compiles it).
-  - `token_logprobs` returns log π(token_t | tokens_<t) only at the positions asked for, computing
-    logits in chunks (recomputed in backward under autograd), so no fp32 (B, T, vocab) tensor exists.
-  - Norms, softmaxes and the vocabulary projection (`logits`) run in fp32 whatever the weight dtype or
-    autocast: sampled and trained log-probs are never rounded to bf16.
+  - RoPE uses the rotate-half layout that HF checkpoints are saved in; angles are computed in fp32 on the fly for
+    the positions at hand, so a 128k-context Llama 3.1 costs no 128k-row table.
+  - Attention goes through `F.scaled_dot_product_attention`. Without a cache, padding or a window it takes SDPA's
+    causal fast path; otherwise a boolean mask is built from position tensors. A KV cache (see sample.py) is any
+    object with lists `k`/`v` of per-layer (rows, kv_heads, max_len, head_dim) tensors: a chunk is written in
+    place at its position tensor and attention always spans all max_len slots (unwritten ones masked), so a
+    decode step has the same shapes at every position. Left padding is expressed with `key_valid` (rows, keys):
+    pad slots are never attended to.
+  - No Python branch depends on a tensor's shape or value, so torch.compile(dynamic=True) traces the whole
+    forward, layer loop included, as one graph (sample.compile_model compiles it).
+  - `token_logprobs` returns log π(token_t | tokens_<t) only at the positions asked for, computing logits in
+    chunks (recomputed in backward under autograd), so no fp32 (B, T, vocab) tensor exists.
+  - Norms, softmaxes and the vocabulary projection (`logits`) run in fp32 whatever the weight dtype or autocast:
+    sampled and trained log-probs are never rounded to bf16.
 
 Left out
-  Biases in attention/MLP (no supported family uses them), rope scaling types other than `llama3`
-  (an error, never an approximation), a rolling sliding-window cache (the cache keeps every position
-  and the mask enforces the window), tensor parallelism.
+  Biases in attention/MLP (no supported family uses them), rope scaling types other than `llama3` (an error,
+  never an approximation), a rolling sliding-window cache (the cache keeps every position and the mask enforces
+  the window), tensor parallelism.
 """
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -34,8 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
-
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 
 
 @dataclass
@@ -59,9 +57,8 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, d: dict, source: str = "config.json") -> "ModelConfig":
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{source}: model_type {model_type!r} is not supported "
-                             f"(expected one of {SUPPORTED_MODEL_TYPES})")
+        if model_type not in ("llama", "mistral"):
+            raise ValueError(f"{source}: model_type {model_type!r} is not supported (expected 'llama' or 'mistral')")
         for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
             if key not in d:
                 raise ValueError(f"{source}: missing required key {key!r}")
@@ -74,15 +71,14 @@ class ModelConfig:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"{source}: rope scaling type {rope_type!r} is not implemented (only 'llama3')")
-        theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
         n_heads = d["num_attention_heads"]
         return cls(
             vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
             n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
             head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, ffn_dim=d["intermediate_size"],
-            norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
             rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(d.get("tie_word_embeddings", False)), norm_eps=d.get("rms_norm_eps", 1e-5),
             sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
             max_seq_len=d.get("max_position_embeddings", 2048), model_type=model_type, hf=dict(d))
 
@@ -92,22 +88,19 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
     s = cfg.rope_scaling
     if s is not None:  # llama3: keep high frequencies, divide low ones by `factor`, blend in between
-        old_len = s.get("original_max_position_embeddings", 8192)
-        low_wavelen = old_len / s.get("low_freq_factor", 1.0)
-        high_wavelen = old_len / s.get("high_freq_factor", 4.0)
+        old_len, factor = s.get("original_max_position_embeddings", 8192), s["factor"]
+        lo, hi = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - s.get("low_freq_factor", 1.0)) / (
-            s.get("high_freq_factor", 4.0) - s.get("low_freq_factor", 1.0))
-        blended = (1 - smooth) * inv_freq / s["factor"] + smooth * inv_freq
-        inv_freq = torch.where(wavelen > low_wavelen, inv_freq / s["factor"],
-                               torch.where(wavelen < high_wavelen, inv_freq, blended))
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor,
+                               torch.where(wavelen < old_len / hi, inv_freq, blended))
     return inv_freq.float()
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin of angle position·inv_freq, duplicated to the full head dim (rotate-half layout)."""
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
+    angles = (positions.float()[:, None] * inv_freq[None, :]).repeat(1, 2)  # (T, head_dim)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -120,15 +113,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def attention_mask(q_pos, k_pos, window=None, key_valid=None):
     """Boolean (rows|1, 1, Tq, Tk) mask, True = may attend: causal, within the sliding window, not a pad.
 
-    A query always sees itself, so a pad row never has an all-False row (that would give NaN)."""
-    delta = q_pos[:, None] - k_pos[None, :]
-    allowed = delta >= 0
-    if window is not None:
-        allowed = allowed & (delta < window)
-    allowed = allowed[None, None]
+    key_valid (rows, ≥ Tk): real-token slots, the first Tk of them the keys'. A query always sees itself, so a pad
+    row never has an all-False row (that would give NaN)."""
+    delta = q_pos[:, None] - k_pos[None, :]  # (Tq, Tk)
+    allowed = ((delta >= 0) & (delta < window) if window is not None else delta >= 0)[None]  # (1, Tq, Tk)
     if key_valid is not None:
-        allowed = allowed & (key_valid[:, None, None, :] | (delta == 0)[None, None])
-    return allowed
+        allowed = allowed & (key_valid[:, None, :delta.shape[1]] | (delta == 0))  # (rows, Tq, Tk)
+    return allowed[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -139,8 +130,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -203,9 +193,8 @@ def hf_names(cfg: ModelConfig) -> dict[str, str]:
                  "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
                  "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
                  "mlp.w_down.weight": "mlp.down_proj.weight"}
-    for i in range(cfg.n_layers):
-        for ours, theirs in per_layer.items():
-            table[f"layers.{i}.{ours}"] = f"model.layers.{i}.{theirs}"
+    table.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}"
+                  for i in range(cfg.n_layers) for ours, theirs in per_layer.items()})
     return table
 
 
@@ -227,27 +216,22 @@ class Transformer(nn.Module):
 
         start_pos: an int or a 0-d tensor (a tensor keeps one compiled decode graph for every step).
         key_valid: (B, keys) real-token slots, keys = cache length with a cache, ≥ T without."""
-        B, T = tokens.shape
         device = tokens.device
         if self.inv_freq.device != device:
             self.inv_freq = self.inv_freq.to(device)
-        q_pos = torch.arange(T, device=device) + start_pos  # (T,)
+        q_pos = torch.arange(tokens.shape[1], device=device) + start_pos  # (T,)
         x = self.embed(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, q_pos, x.dtype)
         # The choice between SDPA's causal path (mask None) and a mask depends on which arguments were
         # given, never on shapes: a shape-dependent Python bool would graph-break under torch.compile.
         mask = None
-        if cache is not None:
-            k_pos = torch.arange(cache.k[0].shape[2], device=device)
+        if cache is not None or key_valid is not None or self.cfg.sliding_window is not None:
+            k_pos = torch.arange(cache.k[0].shape[2], device=device) if cache is not None else q_pos
             mask = attention_mask(q_pos, k_pos, self.cfg.sliding_window, key_valid)
-        elif key_valid is not None or self.cfg.sliding_window is not None:
-            mask = attention_mask(q_pos, q_pos, self.cfg.sliding_window,
-                                  key_valid[:, :T] if key_valid is not None else None)
+        recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
-            if self.activation_checkpointing and torch.is_grad_enabled() and cache is None:
-                x = checkpoint(block, x, cos, sin, mask, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, mask, cache, i, q_pos)
+            args = (x, cos, sin, mask, cache, i, q_pos)
+            x = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
         return self.norm(x)
 
     def logits(self, h):
@@ -274,23 +258,17 @@ class Transformer(nn.Module):
 def token_logprobs(model: Transformer, tokens, mask, key_valid=None, chunk=1024):
     """log π(tokens[:, t] | tokens[:, :t]) at every t where mask[:, t] is True; zeros elsewhere. (B, T) fp32.
 
-    Only the selected positions go through the vocabulary projection, `chunk` rows at a time, in fp32
-    (fp32 operands and accumulation even under bf16 autocast);
-    with autograd on and more than one chunk, each chunk's logits are recomputed in backward instead of
-    being stored, so memory stays at one chunk × vocab whatever the batch."""
+    Only the selected positions go through the vocabulary projection, `chunk` rows at a time, in fp32 (fp32
+    operands and accumulation even under bf16 autocast); with autograd on and more than one chunk, each chunk's
+    logits are recomputed in backward instead of being stored: memory stays at one chunk × vocab, any batch."""
     # The hidden state at position t predicts token t+1: drop the last position of the inputs and the
     # first of the targets, so h[:, t] lines up with tokens[:, t+1]; the output is shifted back at the end.
     h = model.hidden(tokens[:, :-1], key_valid=key_valid)        # (B, T-1, dim)
     select = mask[:, 1:]                                         # (B, T-1): positions whose target we want
     rows, targets = h[select], tokens[:, 1:][select]             # (N, dim), (N,): only the selected ones
     recompute = torch.is_grad_enabled() and rows.shape[0] > chunk
-    pieces = []
-    for i in range(0, rows.shape[0], chunk):
-        if recompute:
-            pieces.append(checkpoint(_chunk_logprobs, model, rows[i:i + chunk], targets[i:i + chunk],
-                                     use_reentrant=False))
-        else:
-            pieces.append(_chunk_logprobs(model, rows[i:i + chunk], targets[i:i + chunk]))
+    logprobs = functools.partial(checkpoint, _chunk_logprobs, use_reentrant=False) if recompute else _chunk_logprobs
+    pieces = [logprobs(model, rows[i:i + chunk], targets[i:i + chunk]) for i in range(0, rows.shape[0], chunk)]
     out = torch.zeros(select.shape, dtype=torch.float32, device=tokens.device)
     if pieces:  # back to (B, T-1) in the selected positions' row-major order
         out = out.masked_scatter(select, torch.cat(pieces))

@@ -1,8 +1,7 @@
-"""Data parallelism with torch.distributed, for `torchrun --nproc_per_node=N train.py`: each rank samples and
-scores its share of a step's questions; one all_reduce sums the gradients before the identical optimizer step
-on every rank (the weights never drift apart); rank 0 logs and saves. No DistributedDataParallel: NRT's forward
-goes through `token_logprobs`, not `model.forward`. A plain `python train.py` is rank 0 of 1.
-Left out: sharded optimizers (FSDP/ZeRO), gradient bucketing, tensor or pipeline parallelism.
+"""Data parallelism with torch.distributed, for `torchrun --nproc_per_node=N train.py`: each rank samples and scores
+its share of a step's questions, one all_reduce sums the gradients, every rank takes the same optimizer step (the
+weights never drift apart), rank 0 logs and saves; plain `python train.py` is rank 0 of 1. No DDP: NRT's forward is
+`token_logprobs`, not `model.forward`. Left out: FSDP/ZeRO, gradient bucketing, tensor or pipeline parallelism.
 """
 import os
 import signal
@@ -19,8 +18,7 @@ def init_distributed(device):
     if device.startswith("cuda"):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
-    # rank 0 alone evaluates and saves while the others wait at the next collective: a long timeout keeps
-    # that wait from being taken for a hung rank (nccl's default is 10 minutes)
+    # others wait while rank 0 alone evaluates and saves: a long timeout (nccl's is 10 minutes) tells that from a hang
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=timedelta(hours=3))
     return dist.get_rank(), dist.get_world_size(), device
 
@@ -36,9 +34,7 @@ def any_rank(flag: bool, world: int) -> bool:
 
 def all_reduce_grads(model, world):
     """Sum every trained parameter's gradient over the ranks (a rank without one adds zeros)."""
-    if world == 1:
-        return
-    for p in (p for p in model.parameters() if p.requires_grad):
+    for p in (p for p in model.parameters() if p.requires_grad and world > 1):
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)

@@ -15,21 +15,18 @@ import sys
 
 import cli
 
-DEFAULTS = dict(
-    out="",    # the PNG to write; "" = <first run dir>/curves.png
-    smooth=1,  # trailing moving-average window in steps (1 = raw)
-    title="",  # figure title, above the legend of run names
-)
-# (title, series): [(key, line style)], or a key prefix meaning every key under it, one style each
+# out: the PNG ("" = <first run dir>/curves.png); smooth: trailing moving-average window in steps (1 = raw)
+DEFAULTS = dict(out="", smooth=1, title="")  # title: the figure's, above the legend of run names
+# (title, keys): the keys, or a key prefix meaning every key under it; line styles STYLES in that order
 PANELS = [
-    ("reward: traces (solid) vs empty trace (dashed)", [("reward", "-"), ("nrt/reward_empty", "--")]),
-    ("answer log-likelihood (hard tokens dashed)", [("nrt/answer_logprob", "-"), ("nrt/hard_answer_logprob", "--")]),
-    ("trace length (collapse signal)", [("completions/mean_length", "-")]),
-    ("trace entropy (collapse signal)", [("entropy", "-")]),
-    ("fraction of traces with the delimiter", [("nrt/frac_delimiter", "-")]),
-    ("fraction of zero-std reward groups", [("frac_reward_zero_std", "-")]),
+    ("reward: traces (solid) vs empty trace (dashed)", ["reward", "nrt/reward_empty"]),
+    ("answer log-likelihood (hard tokens dashed)", ["nrt/answer_logprob", "nrt/hard_answer_logprob"]),
+    ("trace length (collapse signal)", ["completions/mean_length"]),
+    ("trace entropy (collapse signal)", ["entropy"]),
+    ("fraction of traces with the delimiter", ["nrt/frac_delimiter"]),
+    ("fraction of zero-std reward groups", ["frac_reward_zero_std"]),
     ("loss terms", "loss/"),
-    ("learning rate", [("learning_rate", "-")]),
+    ("learning rate", ["learning_rate"]),
     ("time split of a step (s)", "time/"),
 ]
 STYLES = ["-", "--", ":", "-."]
@@ -38,10 +35,9 @@ EVAL_KEYS = ["accuracy", "accuracy_direct", "answer_logprob", "answer_logprob_di
 
 def read_log(run_dir):
     """(step lines sorted by step, later line winning; {eval label: eval line}), or SystemExit naming the file."""
-    path = os.path.join(run_dir, "log.jsonl")
+    path, steps, evals = os.path.join(run_dir, "log.jsonl"), {}, {}
     if not os.path.isfile(path):
         raise SystemExit(f"{path}: no such file (is {run_dir!r} a run's out_dir?)")
-    steps, evals = {}, {}
     with open(path) as f:
         for n, line in enumerate(f, 1):
             try:
@@ -69,15 +65,14 @@ def moving_average(values, n):
     return [None if v is None else sum(w) / len(w) for v, w in zip(values, windows)]
 
 
-def draw_panel(ax, title, spec, runs, n, xlabel=""):
-    """One panel: every run's series of `spec` (PANELS), moving-averaged over n steps."""
-    prefix = isinstance(spec, str)
-    if prefix:  # every key under it that some run logged, one style each
-        keys = sorted({k for r in runs for e in r["steps"] for k in e if k.startswith(spec)})
-        spec = [(k, STYLES[i % len(STYLES)]) for i, k in enumerate(keys)]
+def draw_panel(ax, title, keys, runs, n, xlabel=""):
+    """One panel: every run's series of `keys` (PANELS), moving-averaged over n steps."""
+    prefix = isinstance(keys, str)
+    if prefix:  # every key under it that some run logged
+        keys = sorted({k for r in runs for e in r["steps"] for k in e if k.startswith(keys)})
     drawn = {}
     for run in runs:
-        for key, style in spec:
+        for key, style in zip(keys, STYLES * len(keys)):
             ys = moving_average([number(e.get(key)) for e in run["steps"]], n)
             points = [(e["step"], y) for e, y in zip(run["steps"], ys) if y is not None]
             if points:
@@ -122,8 +117,6 @@ def run_names(run_dirs):
 
 def plot_runs(run_dirs, out="", smooth=1, title=""):
     """Draw the runs' log.jsonl into one PNG at `out` (default <first run dir>/curves.png); returns its path."""
-    if smooth < 1:
-        raise SystemExit(f"--smooth: expected a window >= 1, got {smooth}")
     logs = [read_log(d) for d in run_dirs]  # every error before any drawing
     try:
         from matplotlib.figure import Figure
@@ -135,8 +128,8 @@ def plot_runs(run_dirs, out="", smooth=1, title=""):
     n_eval = sum(len(r["evals"]) for r in runs)
     fig = Figure(figsize=(13, 10.5 + 0.25 * n_eval), layout="constrained")
     grid = fig.add_gridspec(4, 3, height_ratios=[3, 3, 3, 0.8 + 0.25 * n_eval])
-    for i, (panel_title, spec) in enumerate(PANELS):  # "step" under the bottom row only
-        draw_panel(fig.add_subplot(grid[i // 3, i % 3]), panel_title, spec, runs, smooth, "step" if i >= 6 else "")
+    for i, (panel_title, keys) in enumerate(PANELS):  # "step" under the bottom row only
+        draw_panel(fig.add_subplot(grid[i // 3, i % 3]), panel_title, keys, runs, smooth, "step" if i >= 6 else "")
     draw_evals(fig.add_subplot(grid[3, :]), runs)
     handles = [Line2D([], [], color=r["color"], lw=2) for r in runs]
     title += f"  (moving average of {smooth} steps)" if smooth > 1 else ""
@@ -155,6 +148,7 @@ def main(argv=None):
     run_dirs = [a for a in argv if not a.startswith("--")]
     cfg = cli.parse_args(DEFAULTS, [a for a in argv if a.startswith("--")])
     cli.print_config(cfg)
+    cli.check_ranges(cfg, smooth=(cfg.smooth >= 1, "a window ≥ 1"))
     if not run_dirs:
         raise SystemExit("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=FILE] [--smooth=N] [--title=T]")
     path = plot_runs(run_dirs, cfg["out"], cfg["smooth"], cfg["title"])

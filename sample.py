@@ -1,36 +1,33 @@
 """KV-cached sampling: the hot path of NRT (K reasoning traces per question, every step).
 
 What it is
-  A static KV cache, `prefill` and `decode_step`, and `generate`, which samples `num_samples` rows per
-  prompt: each distinct prompt is prefilled once and its cache replicated into its K rows (the NRT
-  access pattern). Different prompts are left-padded to one length; pad slots are masked out of
-  attention (RoPE is relative, so a shifted start changes nothing). `compile_model` is the one call
-  that turns on torch.compile for sampling, scoring and training.
+  A static KV cache, `prefill`, `decode_step` and `generate`: `num_samples` rows per prompt, each distinct prompt
+  prefilled once and its cache replicated into its K rows (the NRT access pattern). Prompts are left-padded to
+  one length, pad slots masked out of attention (RoPE is relative: a shifted start changes nothing). Sampling,
+  scoring and training are compiled by one call, `compile_model`.
 
 Choices
-  - Static shapes, as in gpt-fast: the cache has a fixed length (prompt + new tokens rounded up to 64),
-    each step writes at a position tensor and attends over every slot under a mask, so one compiled
-    decode graph serves every step. A finished row stays in the batch (output ignored) until the live
-    rows fit a power of two at most half the batch, which the batch then shrinks to: few shapes, and
-    short traces still stop costing compute.
-  - At most one host sync per step: the step's tokens come to the host for the stop checks (none
-    without stop ids or strings); tokens and log-probs stay on the device until the end.
-  - Inverse-CDF draws (cumsum + searchsorted against one uniform per row from an explicit generator):
-    reproducible, ~10x cheaper than torch.multinomial over 49k tokens. Every step draws a uniform for
-    every row of the whole batch, so a row's samples never depend on when others stop.
-  - Log-probs are those of the distribution sampled from (after temperature, top-k, top-p), from fp32
-    logits; with temperature 0 (greedy) the model's plain log-probs.
-  - Under autocast (bf16-mixed) the linear layers' fp32 weights are copied to bf16 once per call and put
-    back after it: autocast's own cast cache is eager-only (a compiled decode step would re-cast every weight
-    at every step) and bypassed under inference_mode. The embedding, norms and the fp32 vocabulary
-    projection keep fp32 weights, so the residual stream stays fp32 as in training. The cache is bf16.
+  - Static shapes, as in gpt-fast: a fixed-length cache (prompt + new tokens, rounded up to 64); each step
+    writes at a position tensor and attends over every slot under a mask, so one compiled decode graph serves
+    every step. A finished row stays in the batch (output ignored) until the live rows fit a power of two at
+    most half the batch, which the batch then shrinks to: few shapes, yet short traces stop costing compute.
+  - At most one host sync per step: the step's tokens come to the host for the stop checks (none without stop
+    ids or strings); tokens and log-probs stay on the device until the end.
+  - Inverse-CDF draws (cumsum + searchsorted against one uniform per row from an explicit generator): reproducible,
+    ~10x cheaper than torch.multinomial over 49k tokens. Each step draws a uniform for every row of the whole
+    batch, so a row's samples never depend on when others stop.
+  - Log-probs are those of the distribution sampled from (after temperature, top-k, top-p), from fp32 logits;
+    with temperature 0 (greedy) the model's plain log-probs.
+  - Under autocast (bf16-mixed) the linear layers' fp32 weights are copied to bf16 once per call, put back after
+    it: autocast's cast cache is eager-only (a compiled decode step would re-cast every weight every step) and
+    bypassed under inference_mode. The embedding, norms and fp32 vocabulary projection keep fp32 weights (the
+    residual stream stays fp32, as in training). The cache is bf16.
   - Stop strings are checked on text through the caller's `decode`, on each row's last few tokens.
 
 Left out
-  Beam search, repetition penalties, speculative decoding, paged caches, a rolling sliding-window
-  cache (the mask enforces Mistral's window).
+  Beam search, repetition penalties, speculative decoding, paged caches, a rolling sliding-window cache (the
+  mask enforces Mistral's window).
 """
-import contextlib
 import functools
 import sys
 import time
@@ -42,22 +39,21 @@ import torch
 class KVCache:
     """Keys and values: per layer, (rows, kv_heads, max_len, head_dim) tensors in the lists `k` and `v`.
 
-    One tensor per layer, not a slice of one big tensor: a compiled step then writes each in place
-    (a write into a view of a graph input would be functionalized into a copy of the whole cache).
-    `pool` (set by compile_model on CUDA) reuses buffers per shape across calls: CUDA graphs replay on
-    fixed addresses, and a new cache per call would re-record them."""
+    One tensor per layer, not a slice of one big one: a compiled step writes each in place (a write into a view
+    of a graph input would be functionalized into a copy of the whole cache). `pool` (set by compile_model on
+    CUDA) reuses buffers per shape across calls: CUDA graphs replay on fixed addresses (new ones: re-recorded)."""
     pool = None  # {(layer, shape, dtype, device): (k, v)} or None
 
     def __init__(self, cfg, rows: int, max_len: int, dtype, device):
         self.n_layers, self.dtype, self.device = cfg.n_layers, dtype, device
         self.shape = (rows, cfg.n_kv_heads, max_len, cfg.head_dim)
-        self.k, self.v = map(list, zip(*(self._buffers(i, self.shape) for i in range(self.n_layers))))
+        self.k, self.v = map(list, zip(*(self._buffers(i) for i in range(self.n_layers))))
 
-    def _buffers(self, layer, shape):
-        key = (layer, shape, self.dtype, str(self.device))
+    def _buffers(self, layer):
+        key = (layer, self.shape, self.dtype, str(self.device))
         if KVCache.pool is not None and key in KVCache.pool:
             return KVCache.pool[key]  # stale slots are harmless: the mask hides every unwritten one
-        kv = tuple(torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(2))
+        kv = tuple(torch.zeros(self.shape, dtype=self.dtype, device=self.device) for _ in range(2))
         if KVCache.pool is not None:
             for t in kv:
                 torch._dynamo.mark_static_address(t)
@@ -68,17 +64,10 @@ class KVCache:
         """Row r becomes old row index[r] (index_select: fresh tensors, not views)."""
         self.shape = (len(index),) + self.shape[1:]
         for i in range(self.n_layers):
-            k, v = self.k[i].index_select(0, index), self.v[i].index_select(0, index)
+            kv = (self.k[i].index_select(0, index), self.v[i].index_select(0, index))
             if KVCache.pool is not None:  # copy into the pooled buffers of the new shape
-                self.k[i], self.v[i] = self._buffers(i, self.shape)
-                self.k[i].copy_(k)
-                self.v[i].copy_(v)
-            else:
-                self.k[i], self.v[i] = k, v
-
-    def repeat_rows(self, times: int):
-        """Each row becomes `times` consecutive rows (one prompt's prefill shared by its K samples)."""
-        self.keep_rows(torch.arange(self.shape[0], device=self.device).repeat_interleave(times))
+                kv = tuple(buf.copy_(t) for buf, t in zip(self._buffers(i), kv))
+            self.k[i], self.v[i] = kv
 
 
 @dataclass
@@ -104,16 +93,15 @@ def decode_step(model, token, pos, cache, key_valid=None):
 
 def decode_and_sample(model, token, pos, cache, key_valid, u, temperature, top_k, top_p):
     """One decode step and the draw from its logits: the unit compile_model compiles (CUDA graphs on GPU)."""
-    logits = model(token[:, None], start_pos=pos, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
-    return sample_next(logits, temperature, top_k, top_p, u=u)
+    return sample_next(decode_step(model, token, pos, cache, key_valid), temperature, top_k, top_p, u=u)
 
 
 def compile_model(model, backend="inductor"):
     """torch.compile for --compile=True: the one call train.py and eval.py make, after loading (and LoRA).
 
-    `model.hidden` (training forward, token_logprobs, prefill) and generate's decode step (with the draw)
-    are compiled, the decode step with mode="reduce-overhead" (CUDA graphs) on CUDA, the default on CPU.
-    The module itself is not wrapped, so parameter names stay clean. `backend` is for tests."""
+    Compiles `model.hidden` (training forward, token_logprobs, prefill) and generate's decode step with the draw
+    (mode="reduce-overhead", CUDA graphs, on CUDA). The module itself is not wrapped, so parameter names stay
+    clean. `backend` is for tests."""
     cuda = model.embed.weight.is_cuda
     # Automatic dynamic shapes: a first graph for the first shapes, then one where only the dims that
     # changed (rows, lengths) are symbolic; head counts and sizes stay static, so no duck-sizing guards.
@@ -125,6 +113,10 @@ def compile_model(model, backend="inductor"):
     return model
 
 
+def uniforms(rows: int, generator=None):
+    return torch.rand(rows, 1, generator=generator, device=generator.device if generator is not None else "cpu")
+
+
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=None):
     """One token per row and its log-prob under the (temperature, top-k, top-p) distribution.
 
@@ -134,37 +126,18 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=N
         token = logits.argmax(-1)
         return token, logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)
     logits = logits / temperature
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0 < top_k < logits.shape[-1]:
+        logits = logits.masked_fill(logits < logits.topk(top_k, dim=-1).values[:, -1:], float("-inf"))
     if top_p < 1.0:  # keep the smallest set of tokens whose probability reaches top_p
-        sorted_logits, order = logits.sort(-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        probs, order = logits.softmax(-1).sort(-1, descending=True)
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     logp = logits.log_softmax(-1)
     cdf = logp.exp().cumsum(-1)
-    if u is None:
-        u = uniforms(logits.shape[0], generator)
-    u = u.to(cdf.device)
+    u = (uniforms(logits.shape[0], generator) if u is None else u).to(cdf.device)
     # right=True picks the first index whose cdf exceeds u, so a zero-probability token is never drawn
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
-
-
-def uniforms(rows: int, generator=None):
-    return torch.rand(rows, 1, generator=generator, device=generator.device if generator is not None else "cpu")
-
-
-def left_pad(prompts: list[list[int]], total_len: int, device):
-    """Prompts right-aligned in one (n, P) tensor, and the (n, total_len) mask of real (non-pad) slots."""
-    P = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), P, dtype=torch.long)
-    key_valid = torch.ones(len(prompts), total_len, dtype=torch.bool)
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-        key_valid[i, :P - len(p)] = False
-    return tokens.to(device), key_valid.to(device)
 
 
 def matches_stop_string(ids: list[int], stop_strings, decode) -> bool:
@@ -174,30 +147,22 @@ def matches_stop_string(ids: list[int], stop_strings, decode) -> bool:
     return any(s in tail for s in stop_strings)
 
 
-@contextlib.contextmanager
-def linear_weights_in_autocast_dtype(model):
-    """Under autocast with fp32 weights: every linear layer but the vocabulary projection holds a copy of its
-    weight in the autocast dtype until the block ends, so no step casts a weight again (module docstring)."""
-    device = model.embed.weight.device.type
-    if not torch.is_autocast_enabled(device) or model.embed.weight.dtype != torch.float32:
-        yield
-        return
-    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head]
-    fp32 = [m.weight.data for m in linears]
-    try:
-        for m in linears:
-            m.weight.data = m.weight.data.to(torch.get_autocast_dtype(device))
-        yield
-    finally:
-        for m, w in zip(linears, fp32):
-            m.weight.data = w
-
-
 def casting_weights_once(fn):
+    """Under autocast with fp32 weights: every linear layer but the vocabulary projection holds a copy of its
+    weight in the autocast dtype while `fn` runs, so no step casts a weight again (module docstring)."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
-        with linear_weights_in_autocast_dtype(model):
+        device = model.embed.weight.device.type
+        if not torch.is_autocast_enabled(device) or model.embed.weight.dtype != torch.float32:
             return fn(model, *args, **kwargs)
+        fp32 = {m: m.weight.data for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head}
+        try:
+            for m, w in fp32.items():
+                m.weight.data = w.to(torch.get_autocast_dtype(device))
+            return fn(model, *args, **kwargs)
+        finally:
+            for m, w in fp32.items():
+                m.weight.data = w
     return wrapper
 
 
@@ -207,7 +172,7 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
              top_p=1.0, stop_ids=(), stop_strings=(), decode=None, generator=None) -> Generation:
     """Sample `num_samples` continuations of each prompt; rows are grouped by prompt (row = p*K + s).
     Run it inside the caller's autocast for bf16-mixed: each linear weight is cast once per call."""
-    if not prompts or min(len(p) for p in prompts) == 0:
+    if not prompts or not all(prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if stop_strings and decode is None:
         raise ValueError("generate: stop_strings need a decode function (e.g. tokenizer.decode)")
@@ -217,26 +182,26 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
         raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"max_position_embeddings ({model.cfg.max_seq_len})")
     max_len = min(-(-(P + max_new_tokens) // 64) * 64, model.cfg.max_seq_len)  # bucketed: few cache shapes
-    tokens, key_valid = left_pad(prompts, max_len, device)
+    tokens = torch.tensor([[0] * (P - len(p)) + p for p in prompts], device=device)  # right-aligned (n, P)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)
+    key_valid = torch.arange(max_len, device=device) >= pad[:, None]  # (n, max_len): real (non-pad) slots
     dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) \
         else model.embed.weight.dtype  # fp32 master weights under autocast: the cache holds bf16
     cache = KVCache(model.cfg, len(prompts), max_len, dtype, device)
     logits = prefill(model, tokens, cache, key_valid)  # (n, vocab)
     rows = len(prompts) * num_samples
     if num_samples > 1:  # (n, ...) → (n·K, ...): row p*K + s continues prompt p
-        cache.repeat_rows(num_samples)
         repeat = torch.arange(len(prompts), device=device).repeat_interleave(num_samples)
+        cache.keep_rows(repeat)
         logits, key_valid = logits[repeat], key_valid[repeat]  # copies: a view's base would be guarded on
 
     temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)  # one compiled graph per kind
     step_fn = getattr(model, "compiled_decode", None) or decode_and_sample
-    graphs = step_fn is not decode_and_sample and device.type == "cuda"
     out_tok = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
     out_lp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
     slot_row = torch.arange(rows, device=device)  # original row of each batch slot
     slots = list(range(rows))  # the same on the host; None marks a finished row kept as filler
-    lengths, reasons = [max_new_tokens] * rows, ["length"] * rows
-    history = [[] for _ in range(rows)]
+    lengths, reasons, history = [max_new_tokens] * rows, ["length"] * rows, [[] for _ in range(rows)]
     stop_set, check = set(stop_ids), bool(stop_ids or stop_strings)
     pos = torch.full((), P, device=device)
     for step in range(max_new_tokens):
@@ -244,7 +209,7 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
         if step == 0:
             token, logp = sample_next(logits, temperature, top_k, top_p, u=u)
         else:
-            if graphs:
+            if step_fn is not decode_and_sample:  # a compiled step may replay CUDA graphs
                 torch.compiler.cudagraph_mark_step_begin()
             token, logp = step_fn(model, token, pos, cache, key_valid, u, temperature, top_k, top_p)
             token = token.clone()  # a CUDA-graph output is overwritten by the next replay
@@ -257,13 +222,9 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
             if row is None:
                 continue
             history[row].append(t)
-            if t in stop_set:
-                reasons[row] = "stop_id"
-            elif stop_strings and matches_stop_string(history[row], stop_strings, decode):
-                reasons[row] = "stop_string"
-            else:
-                continue
-            lengths[row], slots[i] = step + 1, None
+            if t in stop_set or stop_strings and matches_stop_string(history[row], stop_strings, decode):
+                reasons[row] = "stop_id" if t in stop_set else "stop_string"
+                lengths[row], slots[i] = step + 1, None
         live = [i for i, row in enumerate(slots) if row is not None]
         if not live:
             break
@@ -294,25 +255,15 @@ def generate_naive(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -
 
 DEFAULTS = dict(
     model_dir="models/SmolLM2-135M-Instruct",
-    prompt="What is the capital of France?",
-    chat=True,                # wrap the prompt in the model family's chat template
-    max_new_tokens=128,
-    num_samples=1,
-    temperature=0.0,          # 0 = greedy
-    top_k=0,
-    top_p=1.0,
-    seed=1337,
-    device="auto",
-    dtype="auto",             # auto | float32 | bf16-mixed | bf16-true (cli.resolve_precision)
-    compile=False,
+    prompt="What is the capital of France?", chat=True,  # chat: wrap the prompt in the model family's chat template
+    max_new_tokens=128, num_samples=1, temperature=0.0, top_k=0, top_p=1.0, seed=1337,  # temperature 0 = greedy
+    device="auto", dtype="auto", compile=False,  # dtype auto | float32 | bf16-mixed | bf16-true (cli.resolve_precision)
 )
 
 
 def main():
-    from checkpoint import check_finite
     from cli import check_ranges, parse_args, print_config, resolve_device, resolve_precision
-    from model import Transformer
-    from tokenizer import Tokenizer
+    from eval import load  # model and tokenizer, weights checked finite; a clear exit when they cannot be loaded
 
     cfg = parse_args(DEFAULTS)
     print_config(cfg)
@@ -320,23 +271,17 @@ def main():
                  num_samples=(cfg.num_samples >= 1, "≥ 1"), top_p=(0 < cfg.top_p <= 1, "in (0, 1]"))
     device = resolve_device(cfg["device"])
     weight_dtype, autocast = resolve_precision(cfg["dtype"], device)
-    model = Transformer.from_pretrained(cfg["model_dir"], dtype=weight_dtype, device=device).eval()
-    check_finite(model, cfg.model_dir)  # NaN weights would print garbage and exit 0
+    model, tok = load(cfg["model_dir"], weight_dtype, device)
     if cfg["compile"]:
         compile_model(model)
-    tok = Tokenizer.from_pretrained(cfg["model_dir"])
-    if cfg["chat"]:
-        prompt = tok.encode_chat([{"role": "user", "content": cfg["prompt"]}])
-    else:
-        prompt = tok.encode(cfg["prompt"], bos=tok.bos_id is not None)
-    gen = torch.Generator(device=device).manual_seed(cfg["seed"])
-    t0 = time.perf_counter()
+    prompt = tok.encode_chat([{"role": "user", "content": cfg["prompt"]}]) if cfg["chat"] \
+        else tok.encode(cfg["prompt"], bos=tok.bos_id is not None)
+    gen, t0 = torch.Generator(device=device).manual_seed(cfg["seed"]), time.perf_counter()
     with autocast():
         out = generate(model, [prompt], num_samples=cfg["num_samples"], max_new_tokens=cfg["max_new_tokens"],
                        temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
                        stop_ids=tok.stop_ids, generator=gen)
-    elapsed = time.perf_counter() - t0
-    n_tokens = sum(len(t) for t in out.tokens)
+    elapsed, n_tokens = time.perf_counter() - t0, sum(len(t) for t in out.tokens)
     for i, (ids, reason) in enumerate(zip(out.tokens, out.stop_reason)):
         print(f"--- sample {i} ({len(ids)} tokens, stop: {reason})")
         print(tok.decode(ids, skip_special=True))

@@ -64,9 +64,8 @@ def _hf_pattern(pre, path):
     """The split regex equivalent to a tokenizer.json pre_tokenizer."""
     steps = (pre or {}).get("pretokenizers") if (pre or {}).get("type") == "Sequence" else [pre]
     kinds = [(s or {}).get("type") for s in steps or []]
-    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
-    if byte_level and not byte_level.get("add_prefix_space"):
-        uses_regex, split = byte_level.get("use_regex", True), steps[0]
+    if kinds[-1:] == ["ByteLevel"] and not steps[-1].get("add_prefix_space"):
+        uses_regex, split = steps[-1].get("use_regex", True), steps[0]
         if kinds == ["ByteLevel"] and uses_regex:
             return GPT2_PATTERN
         if kinds == ["Digits", "ByteLevel"] and uses_regex:  # a number is a piece of its own (each digit alone if
@@ -95,7 +94,6 @@ def _load_hf(path, d):
         raise ValueError(f"{path}: model type {model.get('type')!r} is not supported; only BPE is")
     if d.get("normalizer"):
         raise ValueError(f"{path}: byte-level BPE with a normalizer ({json.dumps(d['normalizer'])[:60]}): unsupported")
-    pattern = _hf_pattern(d.get("pre_tokenizer"), path)
     specials = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
     special_ids, to_byte = set(specials.values()), _byte_decoder()
     try:  # added tokens may sit in the vocab too: keep them out of the BPE ranks
@@ -104,18 +102,17 @@ def _load_hf(path, d):
         raise ValueError(f"{path}: vocab has a char {e} outside GPT-2's byte alphabet: not byte-level") from None
     # tiktoken ranks by id, HF by merge position: the same only if the merge results' ids never decrease
     # (ties: Llama 3 lists every split of a token)
-    merged = [m.replace(" ", "", 1) if isinstance(m, str) else "".join(m) for m in model.get("merges", [])]
-    ids = [model["vocab"].get(t, -1) for t in merged]
-    for k in range(1, len(ids)):
-        if ids[k] < ids[k - 1]:
-            raise ValueError(f"{path}: merge #{k} gives id {ids[k]}, below the previous merge's id {ids[k - 1]}: "
-                             "ids must follow the merge order for tiktoken; not supported")
-    return pattern, ranks, specials
+    ids = [model["vocab"].get(m.replace(" ", "", 1) if isinstance(m, str) else "".join(m), -1)
+           for m in model.get("merges", [])]
+    k = next((k for k in range(1, len(ids)) if ids[k] < ids[k - 1]), 0)
+    if k:
+        raise ValueError(f"{path}: merge #{k} gives id {ids[k]}, below the previous merge's id {ids[k - 1]}: "
+                         "ids must follow the merge order for tiktoken; not supported")
+    return _hf_pattern(d.get("pre_tokenizer"), path), ranks, specials
 
 
 def _load_tiktoken_file(path):
-    """Llama 3's tokenizer.model, "base64(bytes) rank" lines: the file holds only the ranks; the regex and
-    special tokens are Llama 3's, the only family known to ship this format."""
+    """Llama 3's tokenizer.model: "base64(bytes) rank" lines only; regex and specials: Llama 3's (only it ships one)."""
     try:
         with open(path, "rb") as f:
             ranks = {base64.b64decode(token, validate=True): int(rank)
@@ -129,8 +126,7 @@ def _load_tiktoken_file(path):
 
 
 def _load_tekken(path, d):
-    """tekken.json: special tokens take ids 0..n_special-1, and vocab rank r becomes id
-    r + n_special, for the ranks below default_vocab_size - n_special (the rest is unused)."""
+    """tekken.json: specials are ids 0..n_special-1, vocab rank r is id r + n_special, below default_vocab_size."""
     cfg, n_special = d["config"], d["config"]["default_num_special_tokens"]
     named = {t["rank"]: t["token_str"] for t in d.get("special_tokens") or []} or dict(enumerate(TEKKEN_SPECIALS))
     specials = {named.get(i, f"<SPECIAL_{i}>"): i for i in range(n_special)}
@@ -162,14 +158,11 @@ def _chat_template(file):
 
 
 def _guess_format(specials, template):
-    """With a chat template, the format whose marker it mentions ('plain' if none: a base model);
-    without one (a bare Meta or Mistral download), the format whose marker and needs are special tokens."""
+    """With a chat template, the format whose marker it mentions ('plain' if none: a base model, or <<SYS>>: Llama 2's
+    [INST], unsupported); without one (a bare Meta/Mistral download), the one whose marker and needs are specials."""
     for fmt, (marker, needs, _) in FORMATS.items():
-        if template is None:
-            found = marker in specials and all(n in specials for n in needs)
-        else:  # <<SYS>>: Llama 2's [INST] format, not supported
-            found = marker is not None and marker in template and not (fmt == "mistral" and "<<SYS>>" in template)
-        if found:
+        if marker and (all(n in specials for n in (marker, *needs)) if template is None
+                       else marker in template and not (fmt == "mistral" and "<<SYS>>" in template)):
             return fmt
     return "plain"
 
@@ -179,17 +172,20 @@ class Tokenizer:
 
     def __init__(self, name, source, chat_format=None, template=None):
         """source: a SentencePieceBPE, or (split regex, {token bytes: id}, {special: id}) for tiktoken."""
-        if isinstance(source, SentencePieceBPE):  # it has the same methods as a tiktoken.Encoding
-            self._enc, self.n_vocab, self._drop, specials = source, source.n_vocab, b"", source.specials
+        if isinstance(source, SentencePieceBPE):  # it decodes as a tiktoken.Encoding does
+            self._enc, self._encode_text, self.n_vocab = source, source.encode, source.n_vocab
+            specials = source.specials
         else:
             self._pattern, ranks, specials = source
             self.n_vocab = max(max(ranks.values()), max(specials.values(), default=-1)) + 1
-            # tiktoken needs a rank for every byte: a byte with no token (SmolLM2 lacks 21) gets a spare one (encode)
+            # tiktoken needs a rank for every byte: one with no token (SmolLM2 lacks 21) gets a spare: see encode
             self._drop = bytes(b for b in range(256) if bytes([b]) not in ranks)
-            self._ranks = {**ranks, **{bytes([b]): self.n_vocab + k for k, b in enumerate(self._drop)}}
-            self._enc = tiktoken.Encoding(name, pat_str=self._pattern, mergeable_ranks=self._ranks,
-                                          special_tokens=specials)
+            ranks = {**ranks, **{bytes([b]): self.n_vocab + k for k, b in enumerate(self._drop)}}
+            self._enc = tiktoken.Encoding(name, pat_str=self._pattern, mergeable_ranks=ranks, special_tokens=specials)
+            self._encode_text = self._encode_byte_level
         self.name, self.special_tokens, self._special_set = name, dict(specials), frozenset(specials.values())
+        names = sorted(specials, key=len, reverse=True)  # the longest first, as HF matches them
+        self._special_re = re.compile("(" + "|".join(map(re.escape, names)) + ")") if names else None
         self.chat_format = chat_format or _guess_format(specials, template)
         if self.chat_format not in FORMATS:
             raise ValueError(f"chat_format {self.chat_format!r}: expected one of {list(FORMATS)}")
@@ -206,20 +202,15 @@ class Tokenizer:
     def from_pretrained(cls, path, chat_format=None):
         """Load from a model directory or a tokenizer file (see the module docstring)."""
         file = _find_file(os.fspath(path))
-        d = _read_json(file) if file.endswith(".json") else {}
         if not file.endswith(".json"):
             source = _load_tiktoken_file(file)
-        elif isinstance(d, dict) and "config" in d and "vocab" in d:
+        elif isinstance(d := _read_json(file), dict) and "config" in d and "vocab" in d:
             source = _load_tekken(file, d)
         elif not isinstance(d, dict) or "model" not in d:
             raise ValueError(f"{file}: neither a Hugging Face tokenizer.json nor a Mistral tekken.json")
         else:
             source = SentencePieceBPE(file, d) if is_sentencepiece_style(d) else _load_hf(file, d)
         return cls(os.path.basename(file), source, chat_format, _chat_template(file))
-
-    def __repr__(self):
-        return (f"Tokenizer({self.name!r}, n_vocab={self.n_vocab}, chat_format={self.chat_format!r}"
-                f", bos_id={self.bos_id}, eos_id={self.eos_id}, stop_ids={sorted(self.stop_ids)})")
 
     def special_id(self, name):
         if name not in self.special_tokens:
@@ -231,47 +222,27 @@ class Tokenizer:
         """Text -> ids; bos=True prepends BOS when the family has one (Llama 3, Mistral). A SentencePiece-style
         tokenizer puts a "▁" (a space) in front of the text where its file says so, as HF does, and decode
         drops it; continuation=True (the text continues a sequence, e.g. an answer after a delimiter) puts none."""
-        if continuation and isinstance(self._enc, SentencePieceBPE) and not allow_special:
-            ids = self._enc.encode_continuation(text)
-        else:
-            ids = self._enc.encode(text, allowed_special="all") if allow_special else self._enc.encode_ordinary(text)
-        if self._drop and ids and max(ids) >= self.n_vocab:  # a spare id: encode as HF does, dropping the byte
-            ids = self._encode_dropping(text, allow_special)
-        return [self.bos_id, *ids] if bos and self.bos_id is not None else ids
-
-    def _encode_dropping(self, text, allow_special):
-        """HF drops a byte that has no token from its pre-token and merges what is left ("!\\x04!" -> "!!").
-        Rare, so plain Python; `regex` (for the \\p{L} classes) is a dependency of tiktoken itself."""
-        import regex
-        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # as tiktoken
-        names = sorted(self.special_tokens, key=len, reverse=True) if allow_special else []
-        parts = re.split("(" + "|".join(map(re.escape, names)) + ")", text) if names else [text]
-        ids = []
-        for i, part in enumerate(parts):  # re.split puts the matched special tokens at odd positions
-            if i % 2:
-                ids.append(self.special_tokens[part])
-            else:
-                for piece in regex.findall(self._pattern, part):
-                    ids += self._bpe(piece.encode("utf-8").translate(None, self._drop))
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")  # lone surrogates, as tiktoken
+        parts = self._special_re.split(text) if allow_special and self._special_re else [text]
+        ids = [self.bos_id] if bos and self.bos_id is not None else []
+        for k, part in enumerate(parts):  # re.split puts the special tokens at odd positions
+            ids += [self.special_tokens[part]] if k % 2 else self._encode_text(part, None if continuation else k == 0)
         return ids
 
-    def _bpe(self, piece):
-        """One pre-token as tiktoken merges it: a whole token as is, else merging the lowest-ranked adjacent pair."""
-        if piece in self._ranks:
-            return [self._ranks[piece]]
-        parts = [piece[i:i + 1] for i in range(len(piece))]  # an empty piece gives []
-        while len(parts) > 1:
-            rank, i = min((self._ranks.get(parts[i] + parts[i + 1], float("inf")), i) for i in range(len(parts) - 1))
-            if rank == float("inf"):
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        return [self._ranks[p] for p in parts]
+    def _encode_byte_level(self, text, at_start):  # at_start: unused (SentencePieceBPE.encode's)
+        """tiktoken's ids; but HF drops a byte with no token from its pre-token and merges the rest ("!\\x04!" -> "!!"):
+        then (rare) `regex` (for \\p{L}; tiktoken's dependency) splits and tiktoken merges each pre-token alone."""
+        ids = self._enc.encode_ordinary(text)
+        if not self._drop or max(ids, default=0) < self.n_vocab:
+            return ids
+        import regex
+        pieces = (p.encode("utf-8").translate(None, self._drop) for p in regex.findall(self._pattern, text))
+        return [i for piece in pieces if piece for i in self._enc._encode_single_piece(piece)]  # since tiktoken 0.4
 
     def decode(self, ids, skip_special=False):
         """Ids (a list, numpy array or torch tensor) -> text; bytes that are not valid UTF-8 become U+FFFD."""
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
-        if skip_special:
-            ids = [i for i in ids if i not in self._special_set]
+        ids = [i for i in ids if i not in self._special_set] if skip_special else ids
         bad = [i for i in ids if not 0 <= i < self.n_vocab]
         if bad:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (n_vocab={self.n_vocab})")
@@ -285,22 +256,19 @@ class Tokenizer:
                 raise ValueError(f"bad message {m!r}: need a role in {ROLES} and a str content")
         sid = self.special_id
         if self.chat_format == "chatml":  # <|im_start|>role\ncontent<|im_end|>\n
-            ids = []
+            ids, start, end = [], sid("<|im_start|>"), [sid("<|im_end|>"), *self.encode("\n")]
             for m in messages:
-                ids += [sid("<|im_start|>"), *self.encode(f"{m['role']}\n{m['content']}"), sid("<|im_end|>"),
-                        *self.encode("\n")]
-            return ids + [sid("<|im_start|>"), *self.encode("assistant\n")] if add_generation_prompt else ids
+                ids += [start, *self.encode(f"{m['role']}\n{m['content']}"), *end]
+            return ids + [start, *self.encode("assistant\n")] if add_generation_prompt else ids
         if self.chat_format == "llama3":  # content stripped, as Meta's code and HF's template do
-            def header(role):
-                return [sid("<|start_header_id|>"), *self.encode(role), sid("<|end_header_id|>"), *self.encode("\n\n")]
+            start, end = sid("<|start_header_id|>"), [sid("<|end_header_id|>"), *self.encode("\n\n")]
             ids = [sid("<|begin_of_text|>")]
             for m in messages:
-                ids += [*header(m["role"]), *self.encode(m["content"].strip()), sid("<|eot_id|>")]
-            return ids + header("assistant") if add_generation_prompt else ids
+                ids += [start, *self.encode(m["role"]), *end, *self.encode(m["content"].strip()), sid("<|eot_id|>")]
+            return ids + [start, *self.encode("assistant"), *end] if add_generation_prompt else ids
         if self.chat_format == "mistral":
             return self._mistral_chat(messages)
-        # plain: a base model just continues the text, so the contents are joined by newlines
-        return self.encode("\n".join(m["content"] for m in messages), bos=True)
+        return self.encode("\n".join(m["content"] for m in messages), bos=True)  # plain: a base model continues it
 
     def _mistral_chat(self, messages):
         """Mistral's [INST] format, as the official templates write it for each tokenizer:
@@ -314,27 +282,17 @@ class Tokenizer:
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
         if not turns or [m["role"] for m in turns] != [("user", "assistant")[k % 2] for k in range(len(turns))]:
-            raise ValueError("the 'mistral' format needs user/assistant roles alternating, starting with a user "
-                             "message, after an optional system message")
-        users = [k for k, m in enumerate(turns) if m["role"] == "user"]
+            raise ValueError("the 'mistral' format needs roles [system,] user, assistant, user, ... alternating")
         parts = [self.bos_id]  # ids and text, in order
         if system and self._system_blocks:
             parts += [sid("[SYSTEM_PROMPT]"), space + system[0], sid("[/SYSTEM_PROMPT]")]
-        to = users[-1 if control else 0] if system and not self._system_blocks else None
+        to = (len(turns) - 1) // 2 * 2 if control else 0  # the last user message (users are at even k), or the first
         for k, m in enumerate(turns):
             text = m["content"]
             if m["role"] == "user":
-                text = f"{system[0]}\n\n{text}" if k == to else text
+                text = f"{system[0]}\n\n{text}" if k == to and system and not self._system_blocks else text
                 parts += [sid("[INST]"), space + text, sid("[/INST]")] if control else [f" [INST] {text} [/INST]"]
-            elif not control:  # v0.1/v0.2
-                parts += [" " + text, self.eos_id]
-            else:  # v0.3 strips the answer, tekken keeps it as it is
-                parts += [" " + text.strip() if spm else text, self.eos_id]
-        ids = []
-        for is_text, run in itertools.groupby(parts, key=lambda p: isinstance(p, str)):
-            if is_text:  # neighbouring text is joined and encoded in one go
-                text = "".join(run)
-                ids += self._enc.encode_continuation(text) if spm else self.encode(text)
-            else:
-                ids += run
-        return ids
+            else:  # v0.1/v0.2 keep the answer after a space, v0.3 strips it, tekken keeps it as it is
+                parts += [text if control and not spm else " " + (text.strip() if control else text), self.eos_id]
+        runs = itertools.groupby(parts, key=lambda p: isinstance(p, str))  # neighbouring text is encoded in one go
+        return [i for is_text, run in runs for i in (self.encode("".join(run), continuation=True) if is_text else run)]

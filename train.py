@@ -2,11 +2,10 @@
 
     python train.py [--model_dir=DIR --data=FILE.jsonl --aggregation=gm --preset=paper ...]   # the default: README
 
-One step, read top-down in `nrt_step` (names as in NRT.md): 1. rollout: K traces per question from the
-KV-cached sampler; 2. score ∅: log c^∅ of the empty trace, no grad (R(∅) and the ws_* weights); 3. ONE
-teacher-forced forward of prompt ‖ z_k ‖ delimiter ‖ y* gives both log c_{i,k} (detached: the rewards) and
-the log-probs the loss differentiates; 4. advantages: R_k = f(c_k), R'_k = max(0, R_k − R(∅)), A_k = group-
-normalised R'_k; 5. loss = policy gradient + format (paper: 0.3) + answer NLL over a constant token count.
+One step, read top-down in `nrt_step` (names as in NRT.md): rollout (K traces per question) → score ∅ (log c^∅,
+no grad) → ONE teacher-forced forward of prompt ‖ z_k ‖ delimiter ‖ y* gives both log c_{i,k} (detached: the
+rewards) and the log-probs the loss differentiates → advantages → loss (policy gradient + format + answer NLL,
+over a constant token count).
 
 Simplifications, stated:
   1. Each question's K traces are one micro-batch; gradients accumulate over the step's questions.
@@ -27,8 +26,7 @@ import torch
 
 from checkpoint import append_log, load_config, load_for_training, load_tokenizer, prepare_out_dir, save_checkpoint
 from cli import check_training_flags, parse_args, print_config, resolve_device, resolve_precision
-from data import (INSTRUCTION, DELIMITER, answer_ids, check_delimiter, encode_delimiter, prompt_ids, step_questions,
-                  training_rows)
+from data import INSTRUCTION, DELIMITER, answer_ids, encode_delimiter, prompt_ids, step_questions, training_rows
 from eval import heldout_eval
 from parallel import all_reduce_grads, any_rank, barrier, finish_distributed, init_distributed, stop_on_signals
 from reward import (AGGREGATIONS, aggregate, clip_to_baseline, group_normalise, hard_tokens, sample_traces,
@@ -193,8 +191,8 @@ def train_on_group(model, g, logc_empty, frozen, delimiter_ids, cfg, amp, norm):
     # 5. The loss terms, summed over the group and divided by the constant token count; backward.
     terms, clipped = nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, old_logprobs)
     (total_loss(terms, cfg) / norm).backward()
-    return Result(logc_reward, logc_empty, R, R_empty, A, bool(zero_std), {k: v.item() / norm for k, v in terms.items()},
-                  clipped)
+    return Result(logc_reward, logc_empty, R, R_empty, A, bool(zero_std),
+                  {k: v.item() / norm for k, v in terms.items()}, clipped)
 
 
 def total_loss(terms, cfg):
@@ -335,7 +333,7 @@ def main(argv=None):
         prepare_out_dir(cfg)
     barrier(world)
     tok, tok_dir, new_id = load_tokenizer(cfg)  # new_id: the delimiter, added as a new special token (or None)
-    delimiter_ids = encode_delimiter(tok, check_delimiter(tok, cfg.delimiter, tok_dir))
+    delimiter_ids = encode_delimiter(tok, cfg.delimiter, tok_dir)
     rows = training_rows(tok, delimiter_ids, cfg, load_config(cfg.model_dir).max_seq_len)
     weight_dtype, amp = resolve_precision(cfg.dtype, device)
     model, state = load_for_training(cfg, device, weight_dtype, new_id, tok.eos_id)

@@ -128,17 +128,19 @@ def test_questions_too_long_for_the_context_are_named_or_skipped(tiny_setup, tmp
 
 def test_lock_live_refuses_stale_taken_over(tiny_setup, tmp_path):
     out = tmp_path / "run"
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    out.mkdir()
+    hold = "import sys, time, checkpoint; checkpoint.take_lock(sys.argv[1]); print(flush=True); time.sleep(60)"
+    sleeper = subprocess.Popen([sys.executable, "-c", hold, str(out)], cwd=ROOT, stdout=subprocess.PIPE)
     try:
-        out.mkdir()
-        (out / checkpoint.LOCK).write_text(f"{sleeper.pid}\n")
+        sleeper.stdout.readline()  # another process holds the lock now
         (out / checkpoint.MARKER).write_text(json.dumps(dict(step=0, files={}, config={})))
         cfg = train.resolve_config(argv(tiny_setup, out, "--steps=1"))
         with pytest.raises(SystemExit, match=f"is in use by another run \\(pid {sleeper.pid}"):
             checkpoint.prepare_out_dir(cfg)
     finally:
-        sleeper.kill()
-        sleeper.wait()
+        sleeper.kill()  # like kill -9: its lock file stays behind
+        sleeper.communicate()
+    assert (out / checkpoint.LOCK).read_text().strip() == str(sleeper.pid)
     assert checkpoint.prepare_out_dir(cfg) == 0  # its process is gone: the lock is stale and taken over
     assert (out / checkpoint.LOCK).read_text().strip() == str(os.getpid())
     checkpoint._release_lock(str(out / checkpoint.LOCK), os.getpid())
