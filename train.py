@@ -43,7 +43,7 @@ DEFAULTS = dict(
     out_dir="out/nrt",
     # the method (NRT.md)
     method="nrt",                # nrt | sft (plain NLL of the answer with no trace: the SFT baseline)
-    preset="",                   # smoke | rlpr | verifree (applied before the other overrides)
+    preset="",                   # smoke | long | rlpr | verifree | paper (applied before the other overrides)
     aggregation="ws_nlog",       # logp | prob | gm | am | ws_inv | ws_nlog
     token_weight="fixed",        # fixed (s_i = 1) | derived (s_i = α_i c_i)
     baseline_clip=True,          # R' = max(0, R − R(∅))
@@ -97,6 +97,8 @@ PRESETS = {
                   eval_questions=8, example_every=2, save_every=2),
     "rlpr": dict(aggregation="am", token_loss_coef=0.0, baseline_clip=False),
     "verifree": dict(aggregation="prob", token_weight="derived", baseline_clip=False),
+    # the default run, four times as long (≤ 90 minutes on 2 CPU cores): README "Results"
+    "long": dict(steps=200),
     # the authors' released recipe (README: "The released recipe"), at this project's batch size and trace length
     "paper": dict(delimiter="<|response_start|>", new_delimiter_token=True, instruction="", baseline_clip=False,
                   format_loss_coef=0.3, minibatches=4, lr=2e-6, min_lr_frac=1.0, weight_decay=0.01, adam_eps=1e-15),
