@@ -118,10 +118,14 @@ def build_batch(rows, delimiter_ids, device="cpu") -> Batch:
 def answer_logc(logprobs, answer_mask):
     """Each row's answer-token log c_i, left-aligned and zero-padded into (N, T_max), and its mask (N, T_max).
 
-    The answer starts at a different position in each row (traces differ in length)."""
-    logc = torch.nn.utils.rnn.pad_sequence([lp[m] for lp, m in zip(logprobs, answer_mask)], batch_first=True)
-    mask = torch.arange(logc.shape[1], device=logc.device) < answer_mask.sum(-1, keepdim=True)
-    return logc, mask
+    The answer starts at a different position in each row (traces differ in length): its j-th token is where the
+    running count of answer tokens reaches j+1, so one scatter-add moves every row's answer to columns 0..T−1 at
+    once (no per-row indexing: no host sync per row on a GPU)."""
+    counts = answer_mask.sum(-1, keepdim=True)                                   # (N, 1) answer length per row
+    T = int(counts.max())
+    column = (answer_mask.cumsum(-1) - 1).clamp(0, T - 1)                        # (N, L) column of each answer token
+    logc = logprobs.new_zeros(answer_mask.shape[0], T).scatter_add(1, column, logprobs * answer_mask)
+    return logc, torch.arange(T, device=logc.device) < counts                    # (N, T), (N, T)
 
 
 def score_answers(model, rows, delimiter_ids, trace_too=False):
