@@ -1,18 +1,16 @@
 """Benchmark of the hot paths: KV-cached sampling (eager and compiled), naive recompute, scoring, memory.
 
-Prints one line per measurement and ends with one JSON line for scripts. Speed targets are checked
-here by reading the numbers, never by timed assertions in tests. All figures come from one process,
-so ratios (cached / naive, compiled / eager, ours / Hugging Face) are comparable on a noisy machine.
+Prints one line per measurement, under its JSON key, and ends with one JSON line for scripts. Speed targets are
+checked here by reading the numbers, never by timed assertions in tests. All figures come from one process, so ratios
+(cached / naive, compiled / eager, ours / Hugging Face) are comparable on a noisy machine.
 
-What it measures (64-token prompt, greedy, no stop tokens so every row runs to the full 256 new tokens),
-in the --dtype precision (cli.resolve_precision: weights in its dtype, every run inside its autocast):
-  decode_b1 / decode_b8, eager; with --compile=True the same after sample.compile_model (the first
-  call, which compiles, is timed apart); naive full-recompute at batch 1; the greedy tokens of the
-  cached, compiled, naive and HF paths compared; teacher-forced scoring throughput (token_logprobs, no
-  grad); tokenizer encode speed; peak memory (CUDA allocator peak on a GPU, process max RSS on CPU);
-  and, when `transformers` is installed and --hf=True, Hugging Face `generate` at batch 1 and 8 on the
-  same weights and settings. ours_vs_hf_b1/b8 divide our fastest decode (eager or compiled).
-  matmul_floor_b1_tok_s: every weight matrix times one row, per second: no batch-1 decoder can beat it.
+Every decode: 64-token prompt, greedy, no stop tokens (all rows run 256 new tokens), in the --dtype precision (weights
+in cli.resolve_precision's dtype, every run in its autocast). Measured: batch 1 and 8, eager and, with --compile=True,
+after sample.compile_model (the compiling first call timed apart); naive full recompute at batch 1; whether the cached,
+compiled, naive and HF greedy tokens agree; teacher-forced scoring (token_logprobs, no grad); tokenizer encode speed;
+peak memory (CUDA allocator peak on a GPU, process max RSS on CPU); with --hf=True and `transformers` installed,
+Hugging Face `generate` at batch 1 and 8 on the same weights and settings (ours_vs_hf_b1/b8 divide our fastest decode);
+matmul_floor_b1_tok_s: every weight matrix times one row, per second, a rate no batch-1 decoder beats.
 """
 import importlib.util
 import json
@@ -52,12 +50,12 @@ def main():
     prompt = torch.randint(1000, min(model.cfg.vocab_size, 30000), (cfg.prompt_len,), generator=g).tolist()
     print(f"device {device}, --dtype={cfg.dtype} (weights {dtype}), {torch.get_num_threads()} threads, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
-    results, tokens = {}, {}
+    results = {}
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None  # time the kernels, not the launch
 
-    def rate(key, label, fn, n, repeats=cfg.repeats, unit="tok/s"):
-        """results[key] = n / the best wall time of `repeats` calls of fn (the first call also warms up allocator
-        and kernels), each under no_grad and autocast; printed (key None: printed only). Returns fn's last result."""
+    def rate(key, fn, n, repeats=cfg.repeats):
+        """results[key] = n / the best wall time of `repeats` calls of fn (the first also warms up allocator and
+        kernels), each under no_grad and autocast; printed under its key (ending in the unit). Returns fn's result."""
         best = float("inf")
         for _ in range(repeats):
             sync()
@@ -66,48 +64,39 @@ def main():
                 out = fn()
             sync()
             best = min(best, time.perf_counter() - t0)
-        if key:
-            results[key] = n / best
-        print(f"{label}: {n / best:8.1f} {unit} ({best:.2f}s)")
+        results[key] = n / best
+        print(f"{key}: {n / best:.1f} ({best:.2f}s)")
         return out
 
     def decode(rows):  # greedy, no stop tokens: row 0's tokens
         return generate(model, [prompt], num_samples=rows, max_new_tokens=NEW, temperature=0).tokens[0]
 
-    for rows in (1, 8):
-        tokens[rows] = rate(f"decode_b{rows}_tok_s", f"cached batch {rows}", lambda: decode(rows), rows * NEW)
+    tokens = {rows: rate(f"decode_b{rows}_tok_s", lambda: decode(rows), rows * NEW) for rows in (1, 8)}
     # The batch-1 floor: each weight matrix multiplied once by one row, the least work any decoder does per token
     # (at batch 1 that is reading every weight from memory); no attention, norms or sampling.
     mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     one_row = {w.shape[1]: torch.randn(1, w.shape[1], device=device) for w in mats}
-    rate("matmul_floor_b1_tok_s", "batch-1 floor (every weight matrix times one row)",
-         lambda: [torch.nn.functional.linear(one_row[w.shape[1]], w) for w in mats], 1, 20)
-    floor = results["matmul_floor_b1_tok_s"]
-    print(f"cached batch 1 is {results['decode_b1_tok_s'] / floor:.0%} of the floor")
+    rate("matmul_floor_b1_tok_s", lambda: [torch.nn.functional.linear(one_row[w.shape[1]], w) for w in mats], 1, 20)
+    print(f"cached batch 1 is {results['decode_b1_tok_s'] / results['matmul_floor_b1_tok_s']:.0%} of the floor")
 
-    ids = (prompt * (cfg.score_len // len(prompt) + 1))[:cfg.score_len]
-    seq = torch.tensor([ids] * cfg.score_rows, device=device)
-    rate("score_tok_s", f"scoring {cfg.score_rows}x{cfg.score_len} tokens",
-         lambda: token_logprobs(model, seq, torch.ones_like(seq, dtype=torch.bool)), seq.numel())
+    seq = torch.tensor(prompt, device=device).repeat(cfg.score_rows, cfg.score_len)[:, :cfg.score_len]
+    rate("score_tok_s", lambda: token_logprobs(model, seq, torch.ones_like(seq, dtype=torch.bool)), seq.numel())
     tok, here = Tokenizer.from_pretrained(cfg.model_dir), os.path.dirname(os.path.abspath(__file__))
     text = "".join(open(os.path.join(here, f), encoding="utf-8").read() for f in ("README.md", "NRT.md", "train.py"))
     text = (text * (1 + 10**6 // len(text)))[:10**6]  # encode speed: 1 MB of this project's own prose and code
-    rate("tokenizer_encode_mb_s", "tokenizer encode 1 MB", lambda: tok.encode(text), len(text.encode()) / 1e6,
-         2, "MB/s")
+    rate("tokenizer_encode_mb_s", lambda: tok.encode(text), len(text.encode()) / 1e6, 2)
 
     if cfg.compile:
-        compile_model(model)
+        compile_model(model)  # each first call compiles (a batch-1 graph, then one for other sizes): timed apart
         compiled = {}
         for rows in (1, 8):
-            # the first call compiles (a batch-1 graph, then one for every other batch size): timed apart
-            rate(None, f"compiled batch {rows}, first call", lambda: decode(rows), rows * NEW, 1)
-            compiled[rows] = rate(f"decode_b{rows}_compiled_tok_s", f"compiled batch {rows}", lambda: decode(rows),
-                                  rows * NEW)
+            rate(f"decode_b{rows}_compiled_first_call_tok_s", lambda: decode(rows), rows * NEW, 1)
+            compiled[rows] = rate(f"decode_b{rows}_compiled_tok_s", lambda: decode(rows), rows * NEW)
             results[f"compiled_b{rows}_vs_eager"] = (results[f"decode_b{rows}_compiled_tok_s"]
                                                      / results[f"decode_b{rows}_tok_s"])
         results["greedy_compiled_equals_eager"] = compiled == tokens
     if cfg.naive:
-        naive = rate("naive_b1_tok_s", "naive batch 1", lambda: generate_naive(model, prompt, NEW), NEW, 1)
+        naive = rate("naive_b1_tok_s", lambda: generate_naive(model, prompt, NEW), NEW, 1)
         results["speedup_b1_256"] = results["decode_b1_tok_s"] / results["naive_b1_tok_s"]
         results["greedy_cached_equals_naive"] = naive == tokens[1]
     if cfg.hf and importlib.util.find_spec("transformers") is None:
@@ -117,14 +106,13 @@ def main():
         hf = AutoModelForCausalLM.from_pretrained(cfg.model_dir, dtype=dtype).to(device).eval()
         for rows in (1, 8):
             x = torch.tensor([prompt] * rows, device=device)
-            out = rate(f"hf_b{rows}_tok_s", f"HF generate batch {rows}", lambda: hf.generate(
-                x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                pad_token_id=0), rows * NEW)
+            out = rate(f"hf_b{rows}_tok_s", lambda: hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False,
+                       max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0), rows * NEW)
             fastest = max(results[f"decode_b{rows}_tok_s"], results.get(f"decode_b{rows}_compiled_tok_s", 0))
             results[f"ours_vs_hf_b{rows}"] = fastest / results[f"hf_b{rows}_tok_s"]
             same = out[0, len(prompt):].tolist() == tokens[rows]
             results["greedy_equals_hf" if rows == 1 else "greedy_equals_hf_b8"] = same
-        print(f"HF generate batch 1 is {results['hf_b1_tok_s'] / floor:.0%} of the batch-1 floor")
+        print(f"HF generate batch 1 is {results['hf_b1_tok_s'] / results['matmul_floor_b1_tok_s']:.0%} of the floor")
 
     results["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
                               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB

@@ -22,6 +22,7 @@ from model import ModelConfig, Transformer, hf_names, rope_inv_freq
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tekken.json", "tokenizer.model")
+_files_done = 0  # the files this process finished (_finish): NRT_TEST_DIE_AFTER counts them
 
 
 # ---- model directories ----
@@ -63,24 +64,20 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     model.inv_freq = rope_inv_freq(cfg).to(device)
     if cfg.tie_embeddings:  # to_empty unties shared parameters; tie them again before loading
         model.lm_head.weight = model.embed.weight
-    where, params, by_file = safetensors_files(path), dict(model.named_parameters()), {}
+    where, params = safetensors_files(path), dict(model.named_parameters())
     for ours, hf in hf_names(cfg).items():
         if hf not in where:
             raise KeyError(f"{path}: tensor {hf!r} is missing from the checkpoint")
-        by_file.setdefault(where[hf], []).append((ours, hf))
-    for file, names in by_file.items():
-        try:
-            with safe_open(file, framework="pt") as f:
-                for ours, hf in names:
-                    t, want = f.get_tensor(hf), tuple(params[ours].shape)
-                    if tuple(t.shape) != want:
-                        hint = ("; config.json has no num_key_value_heads, so it was taken to equal num_attention_heads"
-                                if "k_proj" in hf and "num_key_value_heads" not in cfg.hf else "")
-                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} "
-                                         f"(config.json){hint}")
-                    params[ours].copy_(t)
-        except Exception as e:  # a truncated file, a wrong shape: name the file
-            raise ValueError(f"{file}: {e}") from None
+        try:  # a truncated file, a wrong shape: name the file
+            with safe_open(where[hf], framework="pt") as f:  # an open reads the header only: cheap per tensor
+                t, want = f.get_tensor(hf), tuple(params[ours].shape)
+            if tuple(t.shape) != want:
+                hint = ("; config.json has no num_key_value_heads, so it was taken to equal num_attention_heads"
+                        if "k_proj" in hf and "num_key_value_heads" not in cfg.hf else "")
+                raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} (config.json){hint}")
+            params[ours].copy_(t)
+        except Exception as e:
+            raise ValueError(f"{where[hf]}: {e}") from None
     return model
 
 
@@ -98,7 +95,7 @@ def save_model(model, path, max_shard_bytes=5 * 2**30, weight=None):
     files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     for file, shard in zip(files, shards):
         save_file(shard, os.path.join(path, file + ".tmp"), metadata={"format": "pt"})
-        _rename(os.path.join(path, file + ".tmp"), os.path.join(path, file))
+        _finish(os.path.join(path, file + ".tmp"), rename_to=os.path.join(path, file))
     if n > 1:
         atomic_write(index, {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard.values())},
                              "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}})
@@ -112,23 +109,17 @@ def atomic_write(file, data):
     """`data` (bytes, or an object written as JSON) into a temp file beside `file`, then renamed over it."""
     with open(file + ".tmp", "wb") as f:
         f.write(data if isinstance(data, bytes) else json.dumps(data, indent=2).encode())
-    _fsync(file + ".tmp")
-    _rename(file + ".tmp", file)
+    _finish(file + ".tmp", rename_to=file)
 
 
-def _rename(src, dst):
-    """Put a finished file in place, readable by all: a model directory is for sharing (safetensors writes 0600)."""
-    os.chmod(src, 0o644)
-    os.replace(src, dst)
-    _file_done()
-
-
-_files_done = 0
-
-
-def _file_done():
-    """NRT_TEST_DIE_AFTER=n dies like kill -9 right after the n-th file: how the tests cut a save short anywhere."""
+def _finish(file, rename_to=None):
+    """A written file: readable by all (a model directory is for sharing; safetensors writes 0600), on disk, renamed
+    if asked. NRT_TEST_DIE_AFTER=n dies like kill -9 right after the n-th file: how the tests cut a save short."""
     global _files_done
+    os.chmod(file, 0o644)
+    _fsync(file)
+    if rename_to:
+        os.replace(file, rename_to)
     _files_done += 1
     if _files_done == int(os.environ.get("NRT_TEST_DIE_AFTER", "0")):
         os._exit(9)
@@ -137,18 +128,15 @@ def _file_done():
 def _fsync(path):
     """Flush a file, or a directory's renames, to disk."""
     fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    os.fsync(fd)
+    os.close(fd)
 
 
 def extend_tokenizer(model_dir, name, new_id):
     """A temp folder holding model_dir's tokenizer files with `name` added as special token `new_id` (the
     released recipe's delimiter <|response_start|>); read it with Tokenizer.from_pretrained, save it with the model."""
     import tempfile
-    file = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.isfile(file):
+    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         raise SystemExit(f"--new_delimiter_token: {model_dir} has no tokenizer.json to add {name!r} to "
                          f"(tekken.json and tokenizer.model are not extended)")
     folder = tempfile.mkdtemp(prefix="nrt_tokenizer_")
@@ -156,13 +144,11 @@ def extend_tokenizer(model_dir, name, new_id):
     token = dict(content=name, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
     for n in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, n))]:
         with open(os.path.join(model_dir, n), "rb") as f:
-            data = f.read()
-        if n in ("tokenizer.json", "tokenizer_config.json"):  # the two files transformers reads added tokens from
-            data = json.loads(data)
-            if n == "tokenizer.json":
-                data["added_tokens"] = [*data.get("added_tokens", []), dict(id=new_id, **token)]
-            else:
-                data["added_tokens_decoder"] = {**data.get("added_tokens_decoder", {}), str(new_id): token}
+            data = json.load(f) if n in ("tokenizer.json", "tokenizer_config.json") else f.read()
+        if n == "tokenizer.json":  # the two files transformers reads added tokens from
+            data["added_tokens"] = [*data.get("added_tokens", []), dict(id=new_id, **token)]
+        elif n == "tokenizer_config.json":
+            data["added_tokens_decoder"] = {**data.get("added_tokens_decoder", {}), str(new_id): token}
         atomic_write(os.path.join(folder, n), data)
     return folder
 
@@ -257,9 +243,8 @@ def refuse_foreign(cfg):
         raise SystemExit(f"--out_dir={out} is the --model_dir: a run never writes over its own starting model")
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"--out_dir={out} exists and is not a directory")
-    entries = sorted(os.listdir(out)) if os.path.isdir(out) and not ours else []
-    if entries:
-        models = [e for e in entries if e == "config.json" or e.endswith(".safetensors")]
+    if os.path.isdir(out) and not ours and os.listdir(out):
+        models = [e for e in sorted(os.listdir(out)) if e == "config.json" or e.endswith(".safetensors")]
         what = f"holds a model ({', '.join(models[:3])})" if models else "is not empty"
         raise SystemExit(f"--out_dir={out} {what} and is not an nrt run (no {MARKER}): refusing to write into "
                          f"it; pick a new or empty directory")
@@ -267,70 +252,11 @@ def refuse_foreign(cfg):
         raise SystemExit(f"--resume=True but {out} does not exist or holds no nrt run ({MARKER})")
 
 
-def check_settings(cfg, old):
-    """--resume refuses a changed setting that alters the run, unless --resume_override=True."""
-    if (old.get("lora_rank", 0) > 0) != (cfg.lora_rank > 0):
-        raise SystemExit(f"--lora_rank={cfg.lora_rank}: the checkpoint was trained with --lora_rank="
-                         f"{old.get('lora_rank', 0)}; LoRA cannot be switched {'on' if cfg.lora_rank else 'off'} "
-                         f"on --resume")
-    changed = [k for k in cfg if k in old and k not in FREE_ON_RESUME and old[k] != cfg[k]]
-    if changed and not cfg.resume_override:
-        raise SystemExit("--resume: " + ", ".join(f"--{k}={cfg[k]!r} (the run used {old[k]!r})" for k in changed)
-                         + " would change the run; keep the run's settings or pass --resume_override=True")
-
-
-def truncate_log(path, step):
-    """log.jsonl back to the checkpoint: step lines up to `step` and the "before" eval; a torn line goes too."""
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if entry.get("eval") == "before" or ("eval" not in entry and entry.get("step", 0) <= step):
-                keep.append(line.rstrip("\n") + "\n")
-    atomic_write(path, "".join(keep).encode())
-
-
-def take_lock(out):
-    """An exclusive flock on out_dir/.nrt.lock, held until exit; the file holds our pid for the error message. The
-    kernel drops the lock when a run ends, kill -9 included, so the file such a run leaves is simply locked again."""
-    path = os.path.join(out, LOCK)
-    while path not in _locks:  # else this process holds it already (a second prepare_out_dir)
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip()
-            f.close()
-            raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid}; lock file {path})") from None
-        if os.fstat(f.fileno()).st_nlink == 0:  # its holder deleted it on exit as we opened it: open the new one
-            f.close()
-            continue
-        f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        _locks[path] = f
-        atexit.register(_release_lock, path, os.getpid())
-
-
-def _release_lock(path, pid):
-    """Delete the lock file, then close it (which drops the flock); a forked child (another pid) leaves it."""
-    if pid == os.getpid() and path in _locks:
-        if os.path.exists(path):  # else out_dir was deleted under the run
-            os.remove(path)
-        _locks.pop(path).close()
-
-
 def check_free_space(cfg):
     """Room for a checkpoint beside the previous one: fp32 weights, plus AdamW's two fp32 moments unless LoRA."""
-    try:
-        safetensors_files(cfg.model_dir)  # its weights are there and readable: checked before anything is loaded
-        with torch.device("meta"):  # the parameter count, nothing allocated
+    try:  # model_dir's weights are there and readable; its parameter count (on meta: nothing allocated)
+        safetensors_files(cfg.model_dir)
+        with torch.device("meta"):
             n = sum(p.numel() for p in Transformer(load_config(cfg.model_dir)).parameters())
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model_dir={cfg.model_dir}: {e}") from None
@@ -353,25 +279,78 @@ def recover(out):
         shutil.rmtree(stage)
 
 
+def check_settings(cfg, old):
+    """--resume refuses a changed setting that alters the run, unless --resume_override=True."""
+    if (old.get("lora_rank", 0) > 0) != (cfg.lora_rank > 0):
+        raise SystemExit(f"--lora_rank={cfg.lora_rank}: LoRA cannot be switched {'on' if cfg.lora_rank else 'off'} "
+                         f"on --resume (the checkpoint was trained with --lora_rank={old.get('lora_rank', 0)})")
+    changed = [k for k in cfg if k in old and k not in FREE_ON_RESUME and old[k] != cfg[k]]
+    if changed and not cfg.resume_override:
+        raise SystemExit("--resume: " + ", ".join(f"--{k}={cfg[k]!r} (the run used {old[k]!r})" for k in changed)
+                         + " would change the run; keep the run's settings or pass --resume_override=True")
+
+
+def truncate_log(path, step):
+    """log.jsonl back to the checkpoint: step lines up to `step` and the "before" eval; a torn line goes too."""
+    def keep(line):
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            return False
+        return entry.get("eval") == "before" or ("eval" not in entry and entry.get("step", 0) <= step)
+    if os.path.exists(path):
+        with open(path) as f:
+            atomic_write(path, "".join(line.rstrip("\n") + "\n" for line in f if keep(line)).encode())
+
+
+def take_lock(out):
+    """An exclusive flock on out_dir/.nrt.lock, held until exit; the file holds our pid for the error message. The
+    kernel drops the lock when a run ends, kill -9 included, so the file such a run leaves is simply locked again."""
+    path = os.path.join(out, LOCK)
+    while path not in _locks:  # else this process holds it already (a second prepare_out_dir)
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            with f:
+                f.seek(0)
+                pid = f.read().strip()
+            raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid}; lock file {path})") from None
+        if os.fstat(f.fileno()).st_nlink == 0:  # its holder deleted it on exit as we opened it: open the new one
+            f.close()
+            continue
+        f.truncate(0)
+        print(os.getpid(), file=f, flush=True)
+        _locks[path] = f
+        atexit.register(_release_lock, path, os.getpid())
+
+
+def _release_lock(path, pid):
+    """Delete the lock file, then close it (which drops the flock); a forked child (another pid) leaves it."""
+    if pid == os.getpid() and path in _locks:
+        if os.path.exists(path):  # else out_dir was deleted under the run
+            os.remove(path)
+        _locks.pop(path).close()
+
+
 def _switch_in(out):
     """Rename the staged files into out_dir, drop the old checkpoint's files the new one lacks, then the manifest.
     Idempotent: a file that a switch cut short already moved is simply no longer in the stage."""
     stage = os.path.join(out, STAGING)
     new, old = read_manifest(stage), read_manifest(out) or {}
     for name in [n for n in new["files"] if os.path.exists(os.path.join(stage, n))]:
-        _rename(os.path.join(stage, name), os.path.join(out, name))
+        _finish(os.path.join(stage, name), rename_to=os.path.join(out, name))
     for name in [n for n in set(old.get("files", {})) - set(new["files"]) if os.path.exists(os.path.join(out, n))]:
         os.remove(os.path.join(out, name))
-    _rename(os.path.join(stage, MARKER), os.path.join(out, MARKER))
+    _finish(os.path.join(stage, MARKER), rename_to=os.path.join(out, MARKER))
     _fsync(out)
     shutil.rmtree(stage)
 
 
 def save_checkpoint(model, optimizer, step, cfg, tokenizer_dir):
-    """Step `step` as one unit, staged in out_dir/.ckpt-tmp: the model in the HF layout (LoRA: adapters in the
-    PEFT layout, plus the merged model unless save_merged=False), the tokenizer files of `tokenizer_dir` and
-    train_state.pt (optimizer state, step, config); then the manifest (the commit point); then switched in.
-    A failed write names the file and leaves the previous checkpoint as it was."""
+    """Step `step` as one unit, staged in out_dir/.ckpt-tmp: the HF model (LoRA: PEFT adapters, plus the merged model
+    unless save_merged=False), `tokenizer_dir`'s tokenizer files and train_state.pt (optimizer, step, config); then the
+    manifest (the commit point); then switched in. A failed write names the file and keeps the previous checkpoint."""
     from lora import save_adapters, save_merged
     out, stage = cfg["out_dir"], os.path.join(cfg["out_dir"], STAGING)
     check_finite(model, f"the weights at step {step}")
@@ -380,18 +359,13 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_dir):
         os.makedirs(stage)
         if cfg["lora_rank"] > 0:
             save_adapters(model, stage, cfg["model_dir"])
-            if cfg["save_merged"]:
-                save_merged(model, stage)
-        else:
-            save_model(model, stage)
+        if cfg["lora_rank"] == 0 or cfg["save_merged"]:  # the HF model (without adapters save_merged is save_model)
+            save_merged(model, stage)
         for name in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]:
-            shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(stage, name))
-            _file_done()
+            _finish(shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(stage, name)))
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), config=dict(cfg)),
                    os.path.join(stage, "train_state.pt"))
-        _file_done()
-        for name in os.listdir(stage):
-            _fsync(os.path.join(stage, name))  # on disk before the manifest says it is
+        _finish(os.path.join(stage, "train_state.pt"))  # each staged file is on disk before the manifest says it is
         files = {name: os.path.getsize(os.path.join(stage, name)) for name in sorted(os.listdir(stage))}
         atomic_write(os.path.join(stage, MARKER), dict(step=step, files=files, config=dict(cfg)))
     except OSError as e:
@@ -407,8 +381,7 @@ def check_finite(model, source):
     """Stop, naming `source`, if a weight or a short probe's logits are NaN or infinite: a broken checkpoint
     must not be trained, evaluated, sampled or saved."""
     for name, p in model.named_parameters():
-        bad = (~torch.isfinite(p)).sum().item()
-        if bad:
+        if bad := (~torch.isfinite(p)).sum().item():
             raise SystemExit(f"{source}: {bad} non-finite values (NaN or inf) in {name}; the weights are broken")
     probe = torch.arange(min(8, model.cfg.vocab_size), device=model.embed.weight.device)[None]
     if not torch.isfinite(model(probe)).all():
@@ -445,8 +418,7 @@ def load_for_training(cfg, device, weight_dtype, new_id=None, eos_id=None):
     if not cfg.resume:
         return model, None
     state = torch.load(os.path.join(cfg.out_dir, "train_state.pt"), map_location=device, weights_only=False)
-    committed = read_manifest(cfg.out_dir)["step"]
-    if state["step"] != committed:
+    if state["step"] != (committed := read_manifest(cfg.out_dir)["step"]):
         raise SystemExit(f"{cfg.out_dir}: train_state.pt is of step {state['step']}, the manifest of step "
                          f"{committed}: the checkpoint is inconsistent")
     return model, state

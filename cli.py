@@ -16,18 +16,6 @@ AT_LEAST = dict(steps=1, questions_per_step=1, max_think_tokens=1, minibatches=1
                 format_loss_coef=0)  # train.py's flags with a lower bound only
 
 
-def parse_value(key: str, text: str, default):
-    """Parse `text` as the type of `default` (None defaults accept any string, 'None' meaning None)."""
-    if text == "None" and (default is None or isinstance(default, str)):
-        return None
-    kind = type(default) if isinstance(default, (bool, int, float)) else str
-    try:
-        return BOOLS[text.lower()] if kind is bool else kind(text)
-    except (KeyError, ValueError):
-        expected = "True or False" if kind is bool else kind.__name__
-        raise SystemExit(f"--{key}: expected {expected}, got {text!r}") from None
-
-
 class Config(dict):
     """A dict whose keys also read as attributes: cfg.lr is cfg["lr"]."""
     def __getattr__(self, key):
@@ -38,7 +26,8 @@ class Config(dict):
 
 
 def parse_args(defaults: dict, argv=None) -> Config:
-    """Apply --key=value overrides to a copy of `defaults`; a key given twice is an error."""
+    """Apply --key=value overrides to a copy of `defaults`, each parsed as its default's type (a None or str default
+    takes any string, 'None' meaning None); a key given twice is an error."""
     config, seen = Config(defaults), set()
     for arg in sys.argv[1:] if argv is None else argv:
         if not arg.startswith("--") or "=" not in arg:
@@ -49,7 +38,13 @@ def parse_args(defaults: dict, argv=None) -> Config:
         if key in seen:
             raise SystemExit(f"--{key} is given twice; give it once")
         seen.add(key)
-        config[key] = parse_value(key, text, defaults[key])
+        kind = type(defaults[key]) if isinstance(defaults[key], (bool, int, float)) else str
+        try:
+            value = BOOLS[text.lower()] if kind is bool else kind(text)
+        except (KeyError, ValueError):
+            expected = "True or False" if kind is bool else kind.__name__
+            raise SystemExit(f"--{key}: expected {expected}, got {text!r}") from None
+        config[key] = None if kind is str and text == "None" else value
     return config
 
 
@@ -117,11 +112,11 @@ def resolve_precision(name: str, device: str):
 _last_progress = {}
 
 
-def progress(label: str, done: int, total: int, t0: float, unit="questions"):
+def progress(label: str, done: int, total: int, t0: float):
     """A progress line with rate and ETA on stderr: redrawn on a terminal; in a log, one per 30 s and the last."""
     now = time.time()
     rate = done / max(now - t0, 1e-9)
-    line = f"{label}: {done}/{total} {unit}, {rate:.2f}/s, ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min"
+    line = f"{label}: {done}/{total} questions, {rate:.2f}/s, ETA {(total - done) / max(rate, 1e-9) / 60:.1f} min"
     if sys.stderr.isatty():
         print(f"\r{line}\033[K", end="\n" if done >= total else "", file=sys.stderr, flush=True)
     elif done >= total or now - _last_progress.get(label, 0) >= 30:

@@ -1,12 +1,11 @@
 """Questions and answers: reading them, writing them as prompts, and matching a model's answer.
 
-JSONL rows {"question", "answer", "aliases"?, "options"?} (data/ holds the bundled sets); the one prompt
-format train.py and eval.py share (a model is evaluated as it was trained); exact-match answer checking.
-Choices: the prompt is the chat template's user turn, the question then an instruction to think and write
-the delimiter, which is plain text a small model writes readily ("\nAnswer:") or a special token's name;
-the answer continues the delimiter and ends with the end-of-turn token (the model learns where it stops);
-matching ignores case, articles and punctuation, writes numbers one way, accepts aliases, and decides a
-yes/no reference by the prediction's first word.
+JSONL rows {"question", "answer", "aliases"?, "options"?} (data/ holds the bundled sets); the one prompt format
+train.py and eval.py share (a model is evaluated as it was trained); exact-match answer checking.
+Choices: the prompt is the chat template's user turn, the question then an instruction to think and write the
+delimiter (plain text a small model writes readily, "\nAnswer:", or a special token's name); the answer follows the
+delimiter and ends with the end-of-turn token (the model learns where it stops); matching ignores case, articles and
+punctuation, writes numbers one way, accepts aliases; the prediction's first word decides a yes/no reference.
 Left out: fuzzy matching, LLM judges, per-task answer formats.
 """
 import json
@@ -73,7 +72,7 @@ def load_qa(path, with_lines=False):
             continue
         try:
             row = json.loads(line, object_pairs_hook=_no_duplicate_keys)
-        except (json.JSONDecodeError, ValueError) as e:
+        except ValueError as e:  # json.JSONDecodeError too
             raise ValueError(f"{path}:{n}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if not isinstance(row, dict) or not isinstance(row.get("question"), str) \
                 or not isinstance(row.get("answer"), str) or not row["answer"].strip():
@@ -162,17 +161,15 @@ def is_correct(prediction: str, row: dict) -> bool:
     the prediction's first word decides: "No, because ..." answers no."""
     pred = normalize_answer(prediction)
     refs = [normalize_answer(a) for a in [row["answer"], *row.get("aliases", [])]]
-    if all(r in YES_NO for r in refs) and pred.split()[:1] and pred.split()[0] in YES_NO:
-        pred = pred.split()[0]
+    if all(r in YES_NO for r in refs):
+        pred = pred.partition(" ")[0]
     return pred in refs
 
 
 def step_questions(rows, step, B, seed):
     """Questions for `step`: consecutive slices of a per-epoch shuffle, a pure function of (seed, step)."""
     import torch  # its generator gives the same order on every platform
-    out = []
-    for i in range(step * B, (step + 1) * B):
-        epoch, pos = divmod(i, len(rows))
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-        out.append(rows[order[pos]])
-    return out
+
+    def order(epoch):
+        return torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return [rows[order(i // len(rows))[i % len(rows)]] for i in range(step * B, (step + 1) * B)]

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from checkpoint import append_log, check_finite, load_config, safetensors_files
 from cli import Config, check_ranges, parse_args, print_config, progress, resolve_device, resolve_precision
 from data import (INSTRUCTION, DELIMITER, answer_ids, encode_delimiter, extract_answer, is_correct, json_safe, load_qa,
                   load_rows, normalize_answer, prompt_ids, resolve_paths)
@@ -192,22 +193,19 @@ def paired_delta(base, other, key):
 
 def deltas(base, other, base_ex, other_ex):
     """other − base for every metric both have, in base's order; per-question metrics paired, with a 95 % CI."""
-    keys = [key for key in base if key in other and key not in ("n", "skipped", "n_mc")]
-    per_question = {key: "pass_at_k" if key.startswith("pass@") else PAIRED.get(key) for key in keys}
-    return {key: paired_delta(base_ex, other_ex, per_question[key]) if per_question[key]
-            else dict(delta=other[key] - base[key]) for key in keys}
+    paired = {key: "pass_at_k" if key.startswith("pass@") else PAIRED.get(key) for key in base if key in other}
+    return {key: paired_delta(base_ex, other_ex, p) if p else dict(delta=other[key] - base[key])
+            for key, p in paired.items() if key not in ("n", "skipped", "n_mc")}
 
 
 def print_table(title, columns):
-    """Metrics down, columns ({name: {metric: value}}) across, "-" where missing; the richest sets the order."""
+    """Metrics down, columns ({name: {metric: value}}) across, "-" where missing or NaN; the richest sets the order."""
     w = max(10, *(len(name) + 2 for name in columns))
-
-    def cell(v):
-        v = "-" if v is None or isinstance(v, float) and math.isnan(v) else v
-        return f"{v:>{w}}" if isinstance(v, str) else f"{v:>{w}d}" if isinstance(v, int) else f"{v:>{w}.3f}"
     print(f"\n{title:<26}" + "".join(f"{name:>{w}}" for name in columns))
     for key in dict.fromkeys(k for column in sorted(columns.values(), key=len, reverse=True) for k in column):
-        print(f"{key:<26}" + "".join(cell(column.get(key)) for column in columns.values()))
+        cells = [column.get(key, math.nan) for column in columns.values()]
+        cells = [("-" if math.isnan(v) else f"{v:.3f}") if isinstance(v, float) else v for v in cells]
+        print(f"{key:<26}" + "".join(f"{v:>{w}}" for v in cells))
 
 
 def data_sets(spec, limit):
@@ -225,25 +223,23 @@ def data_sets(spec, limit):
     return sets
 
 
-def heldout_eval(model, tok, cfg, amp, label, before=None):
+def heldout_eval(model, tok, cfg, amp, label, step, before=None):
     """train.py's before/after eval with the training prompt, on the first questions of each --test_data file."""
     files = [p for p in cfg.test_data.split(",") if p]
     if not files or cfg.eval_questions <= 0:
         return None
     rows = [row for path in files for row in load_rows(path, "test")[:max(1, cfg.eval_questions // len(files))]]
     model.eval()
-    t0 = time.time()
     with amp():
         summary, _ = evaluate(model, tok, rows, cfg.instruction, cfg.system, cfg.delimiter, cfg.max_think_tokens,
                               think=cfg.method == "nrt", label=f"eval {label}")
-    print(f"eval ({label}, {len(rows)} held-out questions, {time.time() - t0:.0f}s)")
-    print_table("held-out", dict(before=before, after=summary) if before else {label: summary})
+    print_table(f"held-out ({len(rows)} questions)", dict(before=before, after=summary) if before else {label: summary})
+    append_log(cfg, dict(eval=label, step=step, **summary))
     return summary
 
 
 def load(model_dir, dtype=None, device="cpu"):
     """(model, tokenizer); with dtype=None only checks that both are there. A problem stops here."""
-    from checkpoint import check_finite, load_config, safetensors_files
     try:
         tok = Tokenizer.from_pretrained(model_dir)
         if dtype is None:

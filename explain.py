@@ -22,12 +22,11 @@ DEFAULTS = {**train.DEFAULTS, "question": 0, "samples_per_question": 4, "lr": 1e
 
 def table(tok, answer, logc_empty, logc):
     """The answer's tokens down, c^∅, the ws_nlog weight −log c^∅ and c after each trace across."""
-    K = logc.shape[0]
-    print(f"  {'token':<12}{'c∅':>8}{'−log c∅':>9}" + "".join(f"{f'c|z{k}':>8}" for k in range(K)))
+    print(f"  {'token':<12}{'c∅':>8}{'−log c∅':>9}" + "".join(f"{f'c|z{k}':>8}" for k in range(len(logc))))
     for i, t in enumerate(answer):
         print(f"  {tok.decode([t])!r:<12}{logc_empty[i].exp():8.3f}{-logc_empty[i]:9.3f}"
-              + "".join(f"{logc[k, i].exp():8.3f}" for k in range(K)))
-    print(f"  {'Σ log c':<12}{logc_empty.sum():8.2f}{'':9}" + "".join(f"{logc[k].sum():8.2f}" for k in range(K)))
+              + "".join(f"{logc[k, i].exp():8.3f}" for k in range(len(logc))))
+    print(f"  {'Σ log c':<12}{logc_empty.sum():8.2f}{'':9}" + "".join(f"{s:8.2f}" for s in logc.sum(-1)))
 
 
 def rewards(logc, logc_empty, cfg):

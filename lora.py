@@ -1,17 +1,15 @@
 """LoRA: low-rank adapters on the linear layers of a frozen model, saved in the PEFT layout.
 
 y = x Wᵀ + (alpha / r) · dropout(x) Aᵀ Bᵀ with W frozen, A (r, in) random and B (out, r) zero: a fresh adapter
-changes nothing. `apply_lora` adapts chosen linears of every block in place and freezes the rest; `merge_lora`
-folds the adapters into W; `save_adapters` / `load_adapters` write and read them alone in `peft`'s layout
-(adapter_model.safetensors + adapter_config.json), loadable onto the HF model `save_pretrained` writes.
+changes nothing. `apply_lora` adapts chosen linears of every block in place and freezes the rest; `merge_lora` folds
+the adapters into W; `save_adapters` / `load_adapters` write and read them alone, in PEFT's layout for HF models.
 Choices
   - `LoRALinear` *is* an nn.Linear holding the replaced layer's very `weight` Parameter: parameter names
     (`hf_names`, `save_pretrained`, which writes the base weights alone) and every caller work unchanged.
-  - Adapters are fp32 on any base dtype, like master weights, with fp32 gradients. The forward casts them
-    down to the activations' dtype, never the activations up: that would keep an fp32 copy of each adapted
-    layer's input for backward (~19 GB more for Llama-3.1-8B at 8 × 1312 tokens).
-  - Merging adds (alpha/r)·B·A to W in fp32 and rounds once to W's dtype (in bf16 an update below W's
-    rounding step is lost: that is bf16, not the merge).
+  - Adapters are fp32 on any base dtype, with fp32 gradients; the forward casts them down to the activations'
+    dtype, never the activations up (that would keep an fp32 copy of each adapted layer's input for backward:
+    ~19 GB more for Llama-3.1-8B at 8 × 1312 tokens).
+  - Merging adds (alpha/r)·B·A in fp32, then rounds once to W's dtype (bf16 loses updates below its rounding step).
 Left out: bias adapters, DoRA / rsLoRA, several named adapters at once, quantised (QLoRA) bases.
 """
 import json
@@ -52,9 +50,10 @@ class LoRALinear(nn.Linear):
         A, B = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)  # the adapters cast down, never x up
         return y + F.linear(F.linear(self.lora_dropout(x), A), B * self.scale).to(y.dtype)
 
-    def delta(self) -> torch.Tensor:
-        """(alpha/r)·B·A in fp32: what merging adds to the weight."""
-        return self.scale * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """W + (alpha/r)·B·A, added in fp32 and rounded once to W's dtype."""
+        return (self.weight.float() + self.scale * (self.lora_B.float() @ self.lora_A.float())).to(self.weight.dtype)
 
 
 def lora_modules(model) -> dict[str, LoRALinear]:
@@ -67,10 +66,8 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=ATT
     parameters in model order. A is seeded by `seed`; adapters are made fp32 on the base weights' device,
     so give the model its device and dtype first (a later .to(bf16) would cast them too)."""
     targets = [t for t in targets.split(",") if t] if isinstance(targets, str) else list(targets)
-    if not targets or set(targets) - set(TARGETS):
-        raise ValueError(f"LoRA targets must be among {tuple(TARGETS)}, got {targets}")
-    if rank <= 0:
-        raise ValueError(f"LoRA rank must be positive, got {rank}")
+    if rank <= 0 or not targets or set(targets) - set(TARGETS):
+        raise ValueError(f"LoRA needs a rank > 0 (got {rank}) and targets among {tuple(TARGETS)} (got {targets})")
     model.requires_grad_(False)
     params, generator = [], torch.Generator().manual_seed(seed)
     for block in model.layers:
@@ -88,7 +85,7 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=ATT
 def merge_lora(model):
     """Fold every adapter into its base weight (W += (alpha/r)·B·A, in fp32) and put plain nn.Linear back."""
     for name, m in lora_modules(model).items():
-        m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
+        m.weight.copy_(m.merged_weight())
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias  # the same Parameters: names and tying unchanged
         parent_name, _, attr = name.rpartition(".")
@@ -138,26 +135,19 @@ def load_adapters(model, path):
         apply_lora(model, config["r"], config["lora_alpha"], config.get("lora_dropout", 0.0),
                    [to_short[t] for t in config["target_modules"]])
     params, state = adapter_params(model), load_file(os.path.join(path, ADAPTER_FILE))
-    if set(state) != set(params):
-        missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-        raise ValueError(f"{path}: adapter tensors do not match the model (missing {missing[:3]}, extra {extra[:3]})")
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
     m = next(iter(lora_modules(model).values()))  # apply_lora gives every adapter the same rank and alpha
-    if m.rank != config["r"] or m.alpha != config["lora_alpha"]:
-        raise ValueError(f"{path}: r={config['r']}, alpha={config['lora_alpha']} but the model has "
-                         f"r={m.rank}, alpha={m.alpha}")
+    if missing or extra or (m.rank, m.alpha) != (config["r"], config["lora_alpha"]):
+        raise ValueError(f"{path}: adapters (r={config['r']}, alpha={config['lora_alpha']}) do not match the model's "
+                         f"(r={m.rank}, alpha={m.alpha}; missing {missing[:3]}, extra {extra[:3]})")
     with torch.no_grad():
         for key, p in params.items():
             p.copy_(state[key])
     return list(params.values())
 
 
-@torch.no_grad()
 def save_merged(model, path, max_shard_bytes=5 * 2**30):
     """Write the merged model (W + (alpha/r)·B·A) as a Hugging Face checkpoint, leaving `model` untouched:
     the same files as `save_pretrained` after `merge_lora`, so training goes on from the unmerged weights."""
-    mods = lora_modules(model)
-
-    def merged(name, w):
-        m = mods.get(name.removesuffix(".weight"))
-        return w if m is None else (w.float() + m.delta()).to(w.dtype)
-    save_model(model, path, max_shard_bytes, weight=merged)
+    mods = {name + ".weight": m for name, m in lora_modules(model).items()}
+    save_model(model, path, max_shard_bytes, weight=lambda name, w: mods[name].merged_weight() if name in mods else w)

@@ -14,6 +14,7 @@ key-value / ffn widths, r/b = bytes of the residual stream / matmul outputs: 4/4
 r·d per token per layer plus one block's worth; plus the vocabulary projection (1024 rows × vocab × 16 bytes).
 Left out: allocator fragmentation (keep ~10 % headroom), torch.compile's buffers.
 """
+import itertools
 import os
 
 import torch
@@ -25,13 +26,11 @@ from model import ModelConfig
 from tokenizer import Tokenizer
 
 GiB = 2**30
-HF_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
-           "intermediate_size", "vocab_size", "tie_word_embeddings")
-PRESETS = {  # HF_KEYS of the real configs (config.json on the Hub), so a plan needs no download
-    "smollm2-135m": (576, 30, 9, 3, 64, 1536, 49152, True),
-    "llama-3.2-1b": (2048, 16, 32, 8, 64, 8192, 128256, True),
-    "llama-3.2-3b": (3072, 28, 24, 8, 128, 8192, 128256, True),
-    "llama-3.1-8b": (4096, 32, 32, 8, 128, 14336, 128256, False),
+PRESETS = {  # the Hub's config.json, so no download: ModelConfig(vocab, dim, layers, heads, kv heads, head dim, ffn)
+    "smollm2-135m": ModelConfig(49152, 576, 30, 9, 3, 64, 1536, tie_embeddings=True),
+    "llama-3.2-1b": ModelConfig(128256, 2048, 16, 32, 8, 64, 8192, tie_embeddings=True),
+    "llama-3.2-3b": ModelConfig(128256, 3072, 28, 24, 8, 128, 8192, tie_embeddings=True),
+    "llama-3.1-8b": ModelConfig(128256, 4096, 32, 32, 8, 128, 14336),
 }
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache")
 
@@ -39,7 +38,7 @@ COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache")
 def preset_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise SystemExit(f"--preset_model: expected one of {sorted(PRESETS)}, got {name!r}")
-    return ModelConfig.from_hf(dict(zip(HF_KEYS, PRESETS[name]), model_type="llama"), source=name)
+    return PRESETS[name]
 
 
 def param_count(cfg: ModelConfig, lora_rank=0, targets=()) -> int:
@@ -47,7 +46,7 @@ def param_count(cfg: ModelConfig, lora_rank=0, targets=()) -> int:
     d, q, kv, f = cfg.dim, cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.ffn_dim
     shapes = dict(wq=(d, q), wk=(d, kv), wv=(d, kv), wo=(q, d), w_gate=(d, f), w_up=(d, f), w_down=(f, d))  # (in, out)
     if lora_rank:
-        return cfg.n_layers * sum(lora_rank * (shapes[t][0] + shapes[t][1]) for t in targets)
+        return cfg.n_layers * sum(lora_rank * sum(shapes[t]) for t in targets)
     per_layer = sum(i * o for i, o in shapes.values()) + 2 * cfg.dim
     return cfg.vocab_size * cfg.dim * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * per_layer + cfg.dim
 
@@ -62,8 +61,7 @@ def memory_plan(cfg: ModelConfig, *, K, B, seq_len, weight_bytes, master_fp32, l
                 lora_targets=("wq", "wk", "wv", "wo"), checkpointing=False, budget_gb=None, overhead_gb=1.0):
     """Bytes of one NRT training step by component (a dict), and whether the total fits budget_gb.
     seq_len: tokens of one training row, prompt + trace + delimiter + answer (the sampler's cache holds fewer)."""
-    n = param_count(cfg)
-    n_train = param_count(cfg, lora_rank, lora_targets) if lora_rank else n
+    n, n_train = param_count(cfg), param_count(cfg, lora_rank, lora_targets)  # the same when lora_rank = 0
     master = master_fp32 and weight_bytes < 4 and not lora_rank
     r, b = (4 if master else weight_bytes), weight_bytes
     per_layer, tokens = activations_per_token_layer(cfg, r, b), K * seq_len
@@ -102,15 +100,12 @@ def readme_table(budget_gb=80.0, prompt_len=256, think=1024, answer=32, K=8, ran
     """Markdown: the three Llama sizes, full fine-tuning (bf16-mixed) vs LoRA (bf16 base), ± checkpointing."""
     lines = [f"| model | training | act. ckpt | weights | grads | optimizer | activations | KV cache | total "
              f"| fits {budget_gb:g} GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|:-:|"]
-    for name in ("llama-3.2-1b", "llama-3.2-3b", "llama-3.1-8b"):
-        for lora_rank in (0, rank):
-            for ckpt in (False, True):
-                p = memory_plan(preset_config(name), K=K, B=1, seq_len=prompt_len + think + answer, weight_bytes=2,
-                                master_fp32=True, lora_rank=lora_rank, checkpointing=ckpt, budget_gb=budget_gb)
-                how = f"LoRA r={lora_rank} q,k,v,o" if lora_rank else "full, bf16-mixed"
-                cells = " | ".join(f"{p[c] / GiB:.1f}" for c in (*COMPONENTS, "total"))
-                lines.append(f"| {name} | {how} | {'yes' if ckpt else 'no'} | {cells} | "
-                             f"{'yes' if p['fits'] else 'no'} |")
+    for name, lora_rank, ckpt in itertools.product([n for n in PRESETS if "llama" in n], (0, rank), (False, True)):
+        p = memory_plan(preset_config(name), K=K, B=1, seq_len=prompt_len + think + answer, weight_bytes=2,
+                        master_fp32=True, lora_rank=lora_rank, checkpointing=ckpt, budget_gb=budget_gb)
+        how = f"LoRA r={lora_rank} q,k,v,o" if lora_rank else "full, bf16-mixed"
+        cells = " | ".join(f"{p[c] / GiB:.1f}" for c in (*COMPONENTS, "total"))
+        lines.append(f"| {name} | {how} | {'yes' if ckpt else 'no'} | {cells} | {'yes' if p['fits'] else 'no'} |")
     return "\n".join(lines)
 
 

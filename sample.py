@@ -13,15 +13,13 @@ Choices
     most half the batch, which the batch then shrinks to: few shapes, yet short traces stop costing compute.
   - At most one host sync per step: the step's tokens come to the host for the stop checks (none without stop
     ids or strings); tokens and log-probs stay on the device until the end.
-  - Inverse-CDF draws (cumsum + searchsorted against one uniform per row from an explicit generator): reproducible,
-    ~10x cheaper than torch.multinomial over 49k tokens. Each step draws a uniform for every row of the whole
-    batch, so a row's samples never depend on when others stop.
+  - Inverse-CDF draws (cumsum + searchsorted: ~10x cheaper than torch.multinomial over 49k tokens), reproducible: a
+    uniform per row of the whole batch every step, from an explicit generator (no row depends on when others stop).
   - Log-probs are those of the distribution sampled from (after temperature, top-k, top-p), from fp32 logits;
     with temperature 0 (greedy) the model's plain log-probs.
-  - Under autocast (bf16-mixed) the linear layers' fp32 weights are copied to bf16 once per call, put back after
-    it: autocast's cast cache is eager-only (a compiled decode step would re-cast every weight every step) and
-    bypassed under inference_mode. The embedding, norms and fp32 vocabulary projection keep fp32 weights (the
-    residual stream stays fp32, as in training). The cache is bf16.
+  - Under autocast (bf16-mixed) linear weights are copied to bf16 once per call and put back after: autocast's cast
+    cache is eager-only (a compiled step would re-cast every weight every step) and bypassed under inference_mode.
+    Embedding, norms and the vocabulary projection stay fp32 (so does the residual stream, as in training); cache: bf16.
   - Stop strings are checked on text through the caller's `decode`, on each row's last few tokens.
 
 Left out
@@ -79,16 +77,14 @@ class Generation:
 
 
 @torch.no_grad()
-def prefill(model, tokens, cache, key_valid=None):
-    """Run the prompts through the model, filling the cache; fp32 logits of the last position (rows, vocab)."""
-    return model(tokens, start_pos=0, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
+def prefill(model, tokens, cache, key_valid=None, start_pos=0):
+    """Run tokens (rows, T) through the model, filling the cache; fp32 logits of the last position (rows, vocab)."""
+    return model(tokens, start_pos, cache, key_valid, last_only=True)[:, -1]
 
 
-@torch.no_grad()
 def decode_step(model, token, pos, cache, key_valid=None):
     """Feed one token per row at position `pos` (int or 0-d tensor); fp32 logits for the next (rows, vocab)."""
-    pos = torch.as_tensor(pos, device=token.device)
-    return model(token[:, None], start_pos=pos, cache=cache, key_valid=key_valid, last_only=True)[:, -1]
+    return prefill(model, token[:, None], cache, key_valid, start_pos=torch.as_tensor(pos, device=token.device))
 
 
 def decode_and_sample(model, token, pos, cache, key_valid, u, temperature, top_k, top_p):
@@ -97,11 +93,9 @@ def decode_and_sample(model, token, pos, cache, key_valid, u, temperature, top_k
 
 
 def compile_model(model, backend="inductor"):
-    """torch.compile for --compile=True: the one call train.py and eval.py make, after loading (and LoRA).
-
-    Compiles `model.hidden` (training forward, token_logprobs, prefill) and generate's decode step with the draw
-    (mode="reduce-overhead", CUDA graphs, on CUDA). The module itself is not wrapped, so parameter names stay
-    clean. `backend` is for tests."""
+    """torch.compile for --compile=True, the one call train.py and eval.py make after loading (and LoRA): compiles
+    `model.hidden` (training forward, token_logprobs, prefill) and generate's decode step with the draw (CUDA graphs
+    on CUDA). The module itself is not wrapped, so parameter names stay clean. `backend` is for tests."""
     cuda = model.embed.weight.is_cuda
     # Automatic dynamic shapes: a first graph for the first shapes, then one where only the dims that
     # changed (rows, lengths) are symbolic; head counts and sizes stay static, so no duck-sizing guards.
@@ -111,10 +105,6 @@ def compile_model(model, backend="inductor"):
     if cuda and KVCache.pool is None:
         KVCache.pool = {}
     return model
-
-
-def uniforms(rows: int, generator=None):
-    return torch.rand(rows, 1, generator=generator, device=generator.device if generator is not None else "cpu")
 
 
 def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=None):
@@ -134,9 +124,10 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None, u=N
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     logp = logits.log_softmax(-1)
     cdf = logp.exp().cumsum(-1)
-    u = (uniforms(logits.shape[0], generator) if u is None else u).to(cdf.device)
+    if u is None:  # fresh ones, on the generator's device
+        u = torch.rand(len(cdf), 1, generator=generator, device=getattr(generator, "device", cdf.device))
     # right=True picks the first index whose cdf exceeds u, so a zero-probability token is never drawn
-    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    token = torch.searchsorted(cdf, u.to(cdf.device) * cdf[:, -1:], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return token, logp.gather(-1, token[:, None]).squeeze(-1)
 
 
@@ -197,15 +188,15 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
 
     temperature, top_k, top_p = float(temperature), int(top_k), float(top_p)  # one compiled graph per kind
     step_fn = getattr(model, "compiled_decode", None) or decode_and_sample
-    out_tok = torch.zeros(rows, max_new_tokens, dtype=torch.long, device=device)
-    out_lp = torch.zeros(rows, max_new_tokens, dtype=torch.float32, device=device)
+    out_tok, out_lp = (torch.zeros(rows, max_new_tokens, dtype=t, device=device) for t in (torch.long, torch.float32))
     slot_row = torch.arange(rows, device=device)  # original row of each batch slot
     slots = list(range(rows))  # the same on the host; None marks a finished row kept as filler
     lengths, reasons, history = [max_new_tokens] * rows, ["length"] * rows, [[] for _ in range(rows)]
     stop_set, check = set(stop_ids), bool(stop_ids or stop_strings)
-    pos = torch.full((), P, device=device)
+    pos, draw_on = torch.full((), P, device=device), getattr(generator, "device", device)
     for step in range(max_new_tokens):
-        u = uniforms(rows, generator).to(device)[slot_row] if temperature > 0 else None
+        u = (torch.rand(rows, 1, generator=generator, device=draw_on).to(device)[slot_row]
+             if temperature > 0 else None)  # a uniform for every row, then those of the rows in the batch
         if step == 0:
             token, logp = sample_next(logits, temperature, top_k, top_p, u=u)
         else:
@@ -216,15 +207,13 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
             pos += 1
         out_tok[slot_row, step] = token  # finished filler rows write past their length: trimmed below
         out_lp[slot_row, step] = logp
-        if not check:
-            continue
-        for i, (row, t) in enumerate(zip(slots, token.tolist())):  # the step's one host sync
-            if row is None:
-                continue
-            history[row].append(t)
-            if t in stop_set or stop_strings and matches_stop_string(history[row], stop_strings, decode):
-                reasons[row] = "stop_id" if t in stop_set else "stop_string"
-                lengths[row], slots[i] = step + 1, None
+        # the step's one host sync, for the stop checks (none without stops: then no row ever finishes)
+        for i, (row, t) in enumerate(zip(slots, token.tolist() if check else [])):
+            if row is not None:  # a live row
+                history[row].append(t)
+                if t in stop_set or stop_strings and matches_stop_string(history[row], stop_strings, decode):
+                    reasons[row] = "stop_id" if t in stop_set else "stop_string"
+                    lengths[row], slots[i] = step + 1, None
         live = [i for i, row in enumerate(slots) if row is not None]
         if not live:
             break
@@ -235,9 +224,8 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
             cache.keep_rows(index)
             token, key_valid, slot_row = token[index], key_valid[index], slot_row[index]
             slots = [slots[i] for i in keep]
-    out_tok, out_lp = out_tok.tolist(), out_lp.tolist()
-    return Generation([t[:n] for t, n in zip(out_tok, lengths)], [lp[:n] for lp, n in zip(out_lp, lengths)],
-                      reasons, [r // num_samples for r in range(rows)])
+    trimmed = ([r[:n] for r, n in zip(out.tolist(), lengths)] for out in (out_tok, out_lp))
+    return Generation(*trimmed, reasons, [r // num_samples for r in range(rows)])
 
 
 @torch.no_grad()
@@ -246,8 +234,7 @@ def generate_naive(model, prompt: list[int], max_new_tokens: int, stop_ids=()) -
     device = model.embed.weight.device
     ids = list(prompt)
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids], device=device), last_only=True)[0, -1]
-        ids.append(int(logits.argmax()))
+        ids.append(int(model(torch.tensor([ids], device=device), last_only=True)[0, -1].argmax()))
         if ids[-1] in stop_ids:
             break
     return ids[len(prompt):]
@@ -278,13 +265,11 @@ def main():
         else tok.encode(cfg["prompt"], bos=tok.bos_id is not None)
     gen, t0 = torch.Generator(device=device).manual_seed(cfg["seed"]), time.perf_counter()
     with autocast():
-        out = generate(model, [prompt], num_samples=cfg["num_samples"], max_new_tokens=cfg["max_new_tokens"],
-                       temperature=cfg["temperature"], top_k=cfg["top_k"], top_p=cfg["top_p"],
-                       stop_ids=tok.stop_ids, generator=gen)
+        out = generate(model, [prompt], stop_ids=tok.stop_ids, generator=gen,
+                       **{k: cfg[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p")})
     elapsed, n_tokens = time.perf_counter() - t0, sum(len(t) for t in out.tokens)
     for i, (ids, reason) in enumerate(zip(out.tokens, out.stop_reason)):
-        print(f"--- sample {i} ({len(ids)} tokens, stop: {reason})")
-        print(tok.decode(ids, skip_special=True))
+        print(f"--- sample {i} ({len(ids)} tokens, stop: {reason})\n{tok.decode(ids, skip_special=True)}")
     print(f"--- {n_tokens} tokens in {elapsed:.2f}s ({n_tokens / elapsed:.1f} tok/s)", file=sys.stderr)
 
 

@@ -6,7 +6,6 @@ Left out: Unigram models, BPE dropout, other normalizers.
 """
 import heapq
 import itertools
-import json
 import re
 
 
@@ -42,8 +41,8 @@ def _decoder_strips(decoder):
 
 class SentencePieceBPE:
     """One such tokenizer.json: encode (text between special tokens) and decode, each exact to HF `tokenizers`:
-    - symbols: one per character, its vocab id, else its bytes' "<0xHH>" ids, else <unk>; then merge, repeatedly,
-      the adjacent pair listed first in `merges` (ties: leftmost).
+    - symbols: one per character, its vocab id, else its bytes' "<0xHH>" ids, else <unk> (one per run with fuse_unk,
+      none if there is no <unk>); then merge, repeatedly, the adjacent pair listed first in `merges` (ties: leftmost).
     - speed: words, cut before each "▁" after another character, are merged alone, with a cache: the same ids when
       no merge result has a non-"▁" character before a "▁" (Mistral, Llama 2; checked at load, else no cut)."""
 
@@ -58,11 +57,9 @@ class SentencePieceBPE:
         if len(set(vocab.values())) != len(vocab) or n > 2**20:
             raise ValueError(f"{path}: two vocab strings share an id, or more than 2**20 ids")
         self._vocab, self._cache = vocab, {}  # word -> ids
-        # pair (a, b) as a * n + b -> rank << 20 | id of a+b: one int, and comparing two compares ranks;
-        # a pair listed twice keeps its last rank, as in HF
+        # pair (a, b) as a * n + b -> rank << 20 | id of a+b, ordered by rank; a repeated pair keeps its last rank (HF)
         self._merges, results = {}, set()
-        merges = [m for m in model.get("merges", []) if not (isinstance(m, str) and m.startswith("#version"))]
-        for rank, m in enumerate(merges):
+        for rank, m in enumerate(model.get("merges", [])):
             a, b = m.split(" ", 1) if isinstance(m, str) else m
             if a not in vocab or b not in vocab or a + b not in vocab:
                 raise ValueError(f"{path}: merge #{rank} ({a!r} + {b!r}): a string not in the vocab")
@@ -87,26 +84,21 @@ class SentencePieceBPE:
             text = SPACE + text
         ids, cache = [], self._cache
         for word in self._words.findall(text):  # merged when new (or the rare []), cached if of up to 64 characters
-            ids += cache.get(word) or (cache if len(word) <= 64 else {}).setdefault(
-                word, self._bpe(self._symbols(word)))
+            ids += cache.get(word) or (cache if len(word) <= 64 else {}).setdefault(word, self._bpe(word))
         if len(cache) > 200_000:  # bound the memory: start afresh
             cache.clear()
         return ids
 
-    def _symbols(self, word):
-        """The symbols of the class docstring: with fuse_unk, one <unk> per run; with no <unk>, nothing (as HF)."""
-        out, vocab, byte_ids = [], self._vocab, self._byte_ids
+    def _bpe(self, word):
+        """One word's ids (class docstring). The merging: a heap holds (merge, position) for each pair as it forms,
+        skipped when popped if the pair has changed since; nxt/prv link the symbols still alive (-1: merged away)."""
+        ids, vocab, byte_ids = [], self._vocab, self._byte_ids
         for ch in word:
-            ids = [vocab[ch]] if ch in vocab else [byte_ids[b] for b in ch.encode()]
-            if None not in ids:
-                out += ids
-            elif self._unk is not None and not (self._fuse_unk and out and out[-1] == self._unk):
-                out.append(self._unk)
-        return out
-
-    def _bpe(self, ids):
-        """The merging of the class docstring: a heap holds (merge, position) for each pair as it forms, skipped when
-        popped if the pair has changed since; nxt/prv link the symbols still alive (-1 marks a merged-away one)."""
+            symbols = [vocab[ch]] if ch in vocab else [byte_ids[b] for b in ch.encode()]
+            if None not in symbols:
+                ids += symbols
+            elif self._unk is not None and not (self._fuse_unk and ids and ids[-1] == self._unk):
+                ids.append(self._unk)
         merges, n, size = self._merges, self.n_vocab, len(ids)
         nxt, prv = list(range(1, size + 1)), list(range(-1, size))  # prv[size]: a spare slot for the end
         heap = [(merges[ids[i] * n + ids[i + 1]], i) for i in range(size - 1) if ids[i] * n + ids[i + 1] in merges]
@@ -128,20 +120,11 @@ class SentencePieceBPE:
         """Ids -> text: "▁" back to spaces, runs of byte tokens to UTF-8, the decoder's Strip ("▁hi" -> "hi")."""
         parts = []
         for is_byte, run in itertools.groupby(ids, key=self._byte_of.__contains__):
-            if is_byte:  # HF's ByteFallback: the run's text if it is valid UTF-8, else one U+FFFD per byte
+            if is_byte:  # HF's ByteFallback: the run's text if valid UTF-8 (it round-trips), else one U+FFFD per byte
                 raw = bytes(self._byte_of[i] for i in run)
-                try:
-                    parts.append(raw.decode("utf-8"))
-                except UnicodeDecodeError:
-                    parts.append("\ufffd" * len(raw))
+                text = raw.decode("utf-8", "replace")
+                parts.append(text if text.encode() == raw else "\ufffd" * len(raw))
             else:
                 parts += (self._text.get(i, "") for i in run)  # an id with no string: nothing
         text = "".join(parts)
         return text[min(self._strip, len(text) - len(text.lstrip(" "))):]
-
-
-def is_sentencepiece_style(d):
-    """A BPE tokenizer.json without GPT-2's byte-level alphabet: the text is written with "▁"."""
-    pre, model = d.get("pre_tokenizer") or {}, d.get("model") or {}
-    return model.get("type") == "BPE" and (model.get("byte_fallback") or pre.get("type") == "Metaspace"
-                                            or SPACE in json.dumps(d.get("normalizer"), ensure_ascii=False))

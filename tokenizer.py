@@ -19,11 +19,12 @@ import base64
 import itertools
 import json
 import os
+import pathlib
 import re
 
 import tiktoken
 
-from sentencepiece_bpe import SentencePieceBPE, is_sentencepiece_style
+from sentencepiece_bpe import SPACE, SentencePieceBPE
 
 # GPT-2's split regex, the one HF's ByteLevel pre-tokenizer applies when use_regex is true.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -88,10 +89,14 @@ def _read_json(path):
 
 
 def _load_hf(path, d):
-    """tokenizer.json -> (split regex, {token bytes: id}, {special: id})."""
+    """tokenizer.json -> a SentencePieceBPE if it writes the text with "▁" (SentencePiece-style), else byte-level BPE:
+    (split regex, {token bytes: id}, {special: id})."""
     model = d["model"] or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: model type {model.get('type')!r} is not supported; only BPE is")
+    if (model.get("byte_fallback") or (d.get("pre_tokenizer") or {}).get("type") == "Metaspace"
+            or SPACE in json.dumps(d.get("normalizer"), ensure_ascii=False)):
+        return SentencePieceBPE(path, d)
     if d.get("normalizer"):
         raise ValueError(f"{path}: byte-level BPE with a normalizer ({json.dumps(d['normalizer'])[:60]}): unsupported")
     specials = {t["content"]: t["id"] for t in d.get("added_tokens", [])}
@@ -104,8 +109,7 @@ def _load_hf(path, d):
     # (ties: Llama 3 lists every split of a token)
     ids = [model["vocab"].get(m.replace(" ", "", 1) if isinstance(m, str) else "".join(m), -1)
            for m in model.get("merges", [])]
-    k = next((k for k in range(1, len(ids)) if ids[k] < ids[k - 1]), 0)
-    if k:
+    if k := next((k for k in range(1, len(ids)) if ids[k] < ids[k - 1]), 0):
         raise ValueError(f"{path}: merge #{k} gives id {ids[k]}, below the previous merge's id {ids[k - 1]}: "
                          "ids must follow the merge order for tiktoken; not supported")
     return _hf_pattern(d.get("pre_tokenizer"), path), ranks, specials
@@ -133,28 +137,6 @@ def _load_tekken(path, d):
     inner = cfg["default_vocab_size"] - n_special
     ranks = {base64.b64decode(t["token_bytes"]): t["rank"] + n_special for t in d["vocab"] if t["rank"] < inner}
     return cfg["pattern"], ranks, specials
-
-
-def _find_file(path):
-    names = ("tekken.json", "tokenizer.json", "original/tokenizer.model", "tokenizer.model")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no tokenizer file or model directory at {path}")
-    for file in [os.path.join(path, name) for name in names] if os.path.isdir(path) else [path]:
-        if os.path.isfile(file):
-            return file
-    raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(names)}")
-
-
-def _chat_template(file):
-    """The chat template beside a tokenizer file (one folder up for original/): '' when there is
-    a tokenizer_config.json without one, None when there is neither (a bare Meta/Mistral download)."""
-    folder = os.path.dirname(os.path.abspath(file))
-    folder = os.path.dirname(folder) if os.path.basename(folder) == "original" else folder
-    jinja, config = (os.path.join(folder, n) for n in ("chat_template.jinja", "tokenizer_config.json"))
-    if os.path.isfile(jinja):
-        with open(jinja, encoding="utf-8") as f:
-            return f.read()
-    return json.dumps(_read_json(config).get("chat_template", "")) if os.path.isfile(config) else None
 
 
 def _guess_format(specials, template):
@@ -200,17 +182,26 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path, chat_format=None):
-        """Load from a model directory or a tokenizer file (see the module docstring)."""
-        file = _find_file(os.fspath(path))
+        """Load from a model directory or a tokenizer file (see the module docstring), with the chat template beside
+        it (one folder up for original/): '' when a tokenizer_config.json has none, None when there is neither (a
+        bare Meta/Mistral download)."""
+        path, names = os.fspath(path), ("tekken.json", "tokenizer.json", "original/tokenizer.model", "tokenizer.model")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no tokenizer file or model directory at {path}")
+        files = [os.path.join(path, n) for n in names] if os.path.isdir(path) else [path]
+        if (file := next((f for f in files if os.path.isfile(f)), None)) is None:
+            raise FileNotFoundError(f"no tokenizer in {path}: looked for {', '.join(names)}")
         if not file.endswith(".json"):
             source = _load_tiktoken_file(file)
-        elif isinstance(d := _read_json(file), dict) and "config" in d and "vocab" in d:
-            source = _load_tekken(file, d)
-        elif not isinstance(d, dict) or "model" not in d:
-            raise ValueError(f"{file}: neither a Hugging Face tokenizer.json nor a Mistral tekken.json")
+        elif isinstance(d := _read_json(file), dict) and ("model" in d or "config" in d and "vocab" in d):
+            source = _load_hf(file, d) if "model" in d else _load_tekken(file, d)
         else:
-            source = SentencePieceBPE(file, d) if is_sentencepiece_style(d) else _load_hf(file, d)
-        return cls(os.path.basename(file), source, chat_format, _chat_template(file))
+            raise ValueError(f"{file}: neither a Hugging Face tokenizer.json nor a Mistral tekken.json")
+        folder = os.path.dirname(os.path.abspath(file)).removesuffix(os.sep + "original")
+        jinja, config = (os.path.join(folder, n) for n in ("chat_template.jinja", "tokenizer_config.json"))
+        template = (pathlib.Path(jinja).read_text(encoding="utf-8") if os.path.isfile(jinja) else
+                    json.dumps(_read_json(config).get("chat_template", "")) if os.path.isfile(config) else None)
+        return cls(os.path.basename(file), source, chat_format, template)
 
     def special_id(self, name):
         if name not in self.special_tokens:
@@ -243,17 +234,21 @@ class Tokenizer:
         """Ids (a list, numpy array or torch tensor) -> text; bytes that are not valid UTF-8 become U+FFFD."""
         ids = ids.tolist() if hasattr(ids, "tolist") else [int(i) for i in ids]
         ids = [i for i in ids if i not in self._special_set] if skip_special else ids
-        bad = [i for i in ids if not 0 <= i < self.n_vocab]
-        if bad:
+        if bad := [i for i in ids if not 0 <= i < self.n_vocab]:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (n_vocab={self.n_vocab})")
         return self._enc.decode(ids, errors="replace")
 
     def encode_chat(self, messages, add_generation_prompt=True):
         """Messages [{'role': 'system'|'user'|'assistant', 'content': str}] -> prompt ids in the chat format, the
-        text with allow_special=False (it cannot forge turn markers); add_generation_prompt opens an assistant turn."""
-        for m in messages:
-            if m.get("role") not in ROLES or not isinstance(m.get("content"), str):
-                raise ValueError(f"bad message {m!r}: need a role in {ROLES} and a str content")
+        text with allow_special=False (it cannot forge turn markers); add_generation_prompt opens an assistant turn.
+        'mistral' ends in one anyway, and is [INST] as the official templates write it for each tokenizer:
+          v0.1/v0.2 ([INST] is text):      <s> [INST] question [/INST] answer</s> [INST] next [/INST]
+          v0.3 ([INST] a control token):   <s>[INST] question[/INST] answer</s>[INST] next[/INST]
+          tekken (NeMo, Small 3, ...):     <s>[INST]question[/INST]answer</s>[INST]next[/INST]
+        (v0.3 strips the answer.) A system message goes in its [SYSTEM_PROMPT] block, else before the first user
+        message (v0.1/v0.2) or the last (v0.3, tekken). Text gets no "▁" in front, as with Mistral's own tokenizer."""
+        if bad := [m for m in messages if m.get("role") not in ROLES or not isinstance(m.get("content"), str)]:
+            raise ValueError(f"bad message {bad[0]!r}: need a role in {ROLES} and a str content")
         sid = self.special_id
         if self.chat_format == "chatml":  # <|im_start|>role\ncontent<|im_end|>\n
             ids, start, end = [], sid("<|im_start|>"), [sid("<|im_end|>"), *self.encode("\n")]
@@ -266,19 +261,10 @@ class Tokenizer:
             for m in messages:
                 ids += [start, *self.encode(m["role"]), *end, *self.encode(m["content"].strip()), sid("<|eot_id|>")]
             return ids + [start, *self.encode("assistant"), *end] if add_generation_prompt else ids
-        if self.chat_format == "mistral":
-            return self._mistral_chat(messages)
-        return self.encode("\n".join(m["content"] for m in messages), bos=True)  # plain: a base model continues it
-
-    def _mistral_chat(self, messages):
-        """Mistral's [INST] format, as the official templates write it for each tokenizer:
-          v0.1/v0.2 ([INST] is text):      <s> [INST] question [/INST] answer</s> [INST] next [/INST]
-          v0.3 ([INST] a control token):   <s>[INST] question[/INST] answer</s>[INST] next[/INST]
-          tekken (NeMo, Small 3, ...):     <s>[INST]question[/INST]answer</s>[INST]next[/INST]
-        (v0.3 strips the answer.) A system message goes in its [SYSTEM_PROMPT] block, else before the first user
-        message (v0.1/v0.2) or the last (v0.3, tekken). Text gets no "▁" in front, as with Mistral's own tokenizer."""
-        sid, spm = self.special_id, isinstance(self._enc, SentencePieceBPE)
-        control, space = "[INST]" in self.special_tokens, " " if spm else ""
+        if self.chat_format == "plain":  # a base model continues the text
+            return self.encode("\n".join(m["content"] for m in messages), bos=True)
+        spm, control = isinstance(self._enc, SentencePieceBPE), "[INST]" in self.special_tokens  # 'mistral'
+        space = " " if spm else ""
         system = [m["content"] for m in messages[:1] if m["role"] == "system"]
         turns = messages[len(system):]
         if not turns or [m["role"] for m in turns] != [("user", "assistant")[k % 2] for k in range(len(turns))]:
@@ -287,9 +273,8 @@ class Tokenizer:
         if system and self._system_blocks:
             parts += [sid("[SYSTEM_PROMPT]"), space + system[0], sid("[/SYSTEM_PROMPT]")]
         to = (len(turns) - 1) // 2 * 2 if control else 0  # the last user message (users are at even k), or the first
-        for k, m in enumerate(turns):
-            text = m["content"]
-            if m["role"] == "user":
+        for k, text in enumerate(m["content"] for m in turns):
+            if k % 2 == 0:  # a user message (the roles alternate)
                 text = f"{system[0]}\n\n{text}" if k == to and system and not self._system_blocks else text
                 parts += [sid("[INST]"), space + text, sid("[/INST]")] if control else [f" [INST] {text} [/INST]"]
             else:  # v0.1/v0.2 keep the answer after a space, v0.3 strips it, tekken keeps it as it is

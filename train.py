@@ -97,8 +97,7 @@ PRESETS = {
                   eval_questions=8, example_every=2, save_every=2),
     "rlpr": dict(aggregation="am", token_loss_coef=0.0, baseline_clip=False),
     "verifree": dict(aggregation="prob", token_weight="derived", baseline_clip=False),
-    # the default run, four times as long (≤ 90 minutes on 2 CPU cores): README "Results"
-    "long": dict(steps=200),
+    "long": dict(steps=200),  # the default run, four times as long (≤ 90 minutes on 2 CPU cores): README "Results"
     # the authors' released recipe (README: "The released recipe"), at this project's batch size and trace length
     "paper": dict(delimiter="<|response_start|>", new_delimiter_token=True, instruction="", baseline_clip=False,
                   format_loss_coef=0.3, minibatches=4, lr=2e-6, min_lr_frac=1.0, weight_decay=0.01, adam_eps=1e-15),
@@ -140,13 +139,11 @@ def nrt_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, seed, wo
     per_batch = len(groups) // cfg.minibatches
     norm = per_batch * world * cfg.samples_per_question * cfg.max_think_tokens  # a constant token count
     results, grad_norms = [], []
-    for m in range(cfg.minibatches):
-        optimizer.zero_grad(set_to_none=True)
+    for m in range(cfg.minibatches):  # the gradients start cleared (apply_update clears them)
         part = slice(m * per_batch, (m + 1) * per_batch)
         for g, lc0, old in zip(groups[part], logc_empty[part], frozen[part]):
             results.append(train_on_group(model, g, lc0, old, delimiter_ids, cfg, amp, norm))
-        all_reduce_grads(model, world)
-        grad_norms.append(apply_update(model, optimizer, cfg))
+        grad_norms.append(apply_update(model, optimizer, cfg, world))
     times = {"time/rollout": t1 - t0, "time/score_empty": t2 - t1, "time/update": time.time() - t2}
     return step_log(groups, results, grad_norms, times, cfg), list(zip(groups, results))
 
@@ -228,10 +225,8 @@ def nrt_loss(logprobs, batch, logc, mask, logc_empty, A, cfg, old_logprobs=None)
         clipped = blocked[batch.trace_mask].float().mean().item() if batch.trace_mask.any() else 0.0
     policy = -(A[:, None] * w_is * logprobs * batch.trace_mask).sum()
     fmt = -(logprobs * batch.format_mask).sum()
-    if cfg.token_weight == "derived":
-        s = token_weights(cfg.aggregation, logc, mask, logc_empty.expand_as(logc))
-    else:
-        s = mask.float()
+    s = (token_weights(cfg.aggregation, logc, mask, logc_empty.expand_as(logc)) if cfg.token_weight == "derived"
+         else mask.float())
     answer_nll = -(s * logc * mask).sum()
     return dict(policy=policy, format=fmt, answer_nll=answer_nll), clipped
 
@@ -240,27 +235,26 @@ def sft_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, world=1)
     """The SFT baseline: − Σ_i log π(y*_i | x, ∅), averaged over the step's questions."""
     t0 = time.time()
     model.train()
-    optimizer.zero_grad(set_to_none=True)
     rows = [(prompt_ids(tok, q["question"], cfg.instruction, cfg.system), [], False, answer_ids(tok, q["answer"]))
             for q in questions]
     with amp():
         _, _, logc, mask = score_answers(model, rows, delimiter_ids)
     loss = -(logc * mask).sum() / (len(questions) * world)
     loss.backward()
-    all_reduce_grads(model, world)
-    grad_norm = apply_update(model, optimizer, cfg)
+    grad_norm = apply_update(model, optimizer, cfg, world)
     return {"loss": loss.item(), "loss/answer_nll": loss.item(), "grad_norm": grad_norm,
             "nrt/answer_logprob": logc[mask].mean().item(), "time/update": time.time() - t0}, []
 
 
-def apply_update(model, optimizer, cfg):
-    """Clip and step, unless the gradient is not finite: then skip, warn, and keep the weights intact."""
+def apply_update(model, optimizer, cfg, world=1):
+    """All-reduce, clip and step (skipped with a warning if the gradient is not finite), then clear the gradients."""
+    all_reduce_grads(model, world)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-    if not math.isfinite(grad_norm):
+    if math.isfinite(grad_norm):
+        optimizer.step()
+    else:
         print(f"warning: non-finite gradient norm ({grad_norm}); update skipped", file=sys.stderr)
-        optimizer.zero_grad(set_to_none=True)
-        return grad_norm
-    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
@@ -288,7 +282,6 @@ def step_log(groups, results, grad_norms, times, cfg):
            "entropy": -torch.tensor([x for g in groups for lp in g.trace_logprobs for x in lp]).mean().item(),
            "nrt/reward_empty": cat(r.R_empty for r in results).mean().item(),
            "nrt/answer_logprob": cat(r.logc for r in results).mean().item(),
-           # the answer tokens the model misses without a trace (c^∅ < 0.5): where reasoning must help
            "nrt/hard_answer_logprob": cat(r.logc[:, hard_tokens(r.logc_empty)] for r in results).mean().item(),
            "nrt/frac_delimiter": sum(e for g in groups for e in g.emitted) / len(lens)}
     if cfg.minibatches > 1:
@@ -297,19 +290,17 @@ def step_log(groups, results, grad_norms, times, cfg):
     return {**log, **times, "tokens_per_s": n_tokens / max(sum(times.values()), 1e-9)}
 
 
-def print_step(log, cfg, elapsed, done, todo):
+def print_step(log, cfg, elapsed, done, todo, tok, examples):
     console = ("reward", "nrt/reward_empty", "frac_reward_zero_std", "completions/mean_length", "entropy",
                "nrt/frac_delimiter", "nrt/answer_logprob", "loss", "grad_norm")
     parts = " ".join(f"{k} {log[k]:.3g}" for k in console if k in log)
     times = " ".join(f"{k[5:]} {v:.1f}s" for k, v in log.items() if k.startswith("time/"))
     print(f"step {log['step']}/{cfg.steps} {parts} learning_rate {log['learning_rate']:.2e} | {times} "
           f"| ETA {elapsed / max(done, 1) * todo / 60:.1f} min", flush=True)
-
-
-def print_example(tok, g, r):
-    k = int(torch.argmax(r.R))
-    print(f"  example  Q: {g.row['question']!r}  y*: {g.row['answer']!r}\n  best trace (reward {r.R[k].item():.3g}, "
-          f"empty {r.R_empty.item():.3g}, emitted {g.emitted[k]}): {tok.decode(g.traces[k])!r}", flush=True)
+    if examples and cfg.example_every and log["step"] % cfg.example_every == 0:
+        (g, r), k = examples[0], int(torch.argmax(examples[0][1].R))
+        print(f"  example  Q: {g.row['question']!r}  y*: {g.row['answer']!r}\n  best trace (reward {r.R[k]:.3g}, "
+              f"empty {r.R_empty:.3g}, emitted {g.emitted[k]}): {tok.decode(g.traces[k])!r}", flush=True)
 
 
 # ---- configuration, set-up, the loop ----
@@ -350,9 +341,7 @@ def main(argv=None):
               f"{sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M trained", flush=True)
     if cfg.compile:  # training forward, prefill and decode step (sample.py); parameter names stay clean
         compile_model(model)
-    before = heldout_eval(model, tok, cfg, amp, "before") if rank == 0 and start == 0 else None
-    if before:
-        append_log(cfg, dict(eval="before", step=start, **before))
+    before = heldout_eval(model, tok, cfg, amp, "before", start) if rank == 0 and start == 0 else None
     stop = stop_on_signals()  # Ctrl-C or SIGTERM (a scheduler's preemption): finish the step, save, exit non-zero
     t_start, step, skipped = time.time(), start, 0
     B = cfg.questions_per_step
@@ -372,28 +361,23 @@ def main(argv=None):
         log = {"step": step, "learning_rate": lr, **log}
         if rank == 0:  # rank 0 logs its own questions' statistics and saves for everyone
             append_log(cfg, log)
-            print_step(log, cfg, time.time() - t_start, step - start, cfg.steps - step)
+            print_step(log, cfg, time.time() - t_start, step - start, cfg.steps - step, tok, examples)
         skipped = 0 if math.isfinite(log["grad_norm"]) else skipped + 1  # the same on every rank (all-reduced)
         if skipped == 3:  # three updates in a row skipped: stop, and do not save weights that went bad
-            raise SystemExit(f"stopped at step {step}: {skipped} updates in a row skipped for non-finite gradients; "
-                             f"these weights are not saved, {cfg.out_dir} keeps its last checkpoint")
-        if rank == 0:
-            if examples and cfg.example_every and step % cfg.example_every == 0:
-                print_example(tok, *examples[0])
-            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-                save_checkpoint(model, optimizer, step, cfg, tok_dir)
+            raise SystemExit(f"stopped at step {step}: 3 updates in a row skipped (non-finite gradients), not saved")
+        if rank == 0 and cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            save_checkpoint(model, optimizer, step, cfg, tok_dir)
         barrier(world)  # the other ranks wait here while rank 0 saves
     if rank == 0:
         save_checkpoint(model, optimizer, step, cfg, tok_dir)
     finish_distributed(world)
     if stop:
         sys.exit(128 + stop["signal"])
-    after = heldout_eval(model, tok, cfg, amp, "after", before) if rank == 0 else None
-    if after:
-        append_log(cfg, dict(eval="after", step=step, **after))
-    if rank == 0 and importlib.util.find_spec("matplotlib"):  # the curves as a picture, when it can draw
-        from plot import plot_runs
-        print(f"training curves: {plot_runs([cfg.out_dir])}", flush=True)
+    if rank == 0:
+        heldout_eval(model, tok, cfg, amp, "after", step, before)
+        if importlib.util.find_spec("matplotlib"):  # the curves as a picture, when it can draw
+            from plot import plot_runs
+            print(f"training curves: {plot_runs([cfg.out_dir])}", flush=True)
 
 
 if __name__ == "__main__":
