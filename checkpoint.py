@@ -64,20 +64,24 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     model.inv_freq = rope_inv_freq(cfg).to(device)
     if cfg.tie_embeddings:  # to_empty unties shared parameters; tie them again before loading
         model.lm_head.weight = model.embed.weight
-    where, params = safetensors_files(path), dict(model.named_parameters())
+    where, params, by_file = safetensors_files(path), dict(model.named_parameters()), {}
     for ours, hf in hf_names(cfg).items():
         if hf not in where:
             raise KeyError(f"{path}: tensor {hf!r} is missing from the checkpoint")
-        try:  # a truncated file, a wrong shape: name the file
-            with safe_open(where[hf], framework="pt") as f:  # an open reads the header only: cheap per tensor
-                t, want = f.get_tensor(hf), tuple(params[ours].shape)
-            if tuple(t.shape) != want:
-                hint = ("; config.json has no num_key_value_heads, so it was taken to equal num_attention_heads"
-                        if "k_proj" in hf and "num_key_value_heads" not in cfg.hf else "")
-                raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} (config.json){hint}")
-            params[ours].copy_(t)
-        except Exception as e:
-            raise ValueError(f"{where[hf]}: {e}") from None
+        by_file.setdefault(where[hf], []).append((ours, hf))
+    for file, names in by_file.items():  # each file opened once (a shard's header is parsed once)
+        try:
+            with safe_open(file, framework="pt") as f:
+                for ours, hf in names:
+                    t, want = f.get_tensor(hf), tuple(params[ours].shape)
+                    if tuple(t.shape) != want:
+                        hint = ("; config.json has no num_key_value_heads, so it was taken to equal num_attention_heads"
+                                if "k_proj" in hf and "num_key_value_heads" not in cfg.hf else "")
+                        raise ValueError(f"tensor {hf!r} has shape {tuple(t.shape)}, expected {want} "
+                                         f"(config.json){hint}")
+                    params[ours].copy_(t)
+        except Exception as e:  # a truncated file, a wrong shape: name the file
+            raise ValueError(f"{file}: {e}") from None
     return model
 
 
@@ -128,8 +132,10 @@ def _finish(file, rename_to=None):
 def _fsync(path):
     """Flush a file, or a directory's renames, to disk."""
     fd = os.open(path, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def extend_tokenizer(model_dir, name, new_id):
@@ -359,8 +365,10 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_dir):
         os.makedirs(stage)
         if cfg["lora_rank"] > 0:
             save_adapters(model, stage, cfg["model_dir"])
-        if cfg["lora_rank"] == 0 or cfg["save_merged"]:  # the HF model (without adapters save_merged is save_model)
-            save_merged(model, stage)
+            if cfg["save_merged"]:
+                save_merged(model, stage)
+        else:
+            save_model(model, stage)
         for name in [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(tokenizer_dir, n))]:
             _finish(shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(stage, name)))
         torch.save(dict(step=step, optimizer=optimizer.state_dict(), config=dict(cfg)),
