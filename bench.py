@@ -7,14 +7,13 @@ checked here by reading the numbers, never by timed assertions in tests. All fig
 Every decode: 64-token prompt, greedy, no stop tokens (all rows run 256 new tokens), in the --dtype precision (weights
 in cli.resolve_precision's dtype, every run in its autocast). Measured: batch 1 and 8, eager and, with --compile=True,
 after sample.compile_model (the compiling first call timed apart); naive full recompute at batch 1; whether the cached,
-compiled, naive and HF greedy tokens agree; teacher-forced scoring (token_logprobs, no grad); tokenizer encode speed;
-peak memory (CUDA allocator peak on a GPU, process max RSS on CPU); with --hf=True and `transformers` installed,
+compiled, naive and HF greedy tokens agree; teacher-forced scoring (token_logprobs, no grad); peak memory (CUDA
+allocator peak on a GPU, process max RSS on CPU); with --hf=True and `transformers` installed,
 Hugging Face `generate` at batch 1 and 8 on the same weights and settings (ours_vs_hf_b1/b8 divide our fastest decode);
 matmul_floor_b1_tok_s: every weight matrix times one row, per second, a rate no batch-1 decoder beats.
 """
 import importlib.util
 import json
-import os
 import resource
 import time
 
@@ -23,7 +22,6 @@ import torch
 from cli import parse_args, print_config, resolve_device, resolve_precision
 from model import Transformer, token_logprobs
 from sample import compile_model, generate, generate_naive
-from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     model_dir="models/SmolLM2-135M-Instruct",
@@ -81,10 +79,6 @@ def main():
 
     seq = torch.tensor(prompt, device=device).repeat(cfg.score_rows, cfg.score_len)[:, :cfg.score_len]
     rate("score_tok_s", lambda: token_logprobs(model, seq, torch.ones_like(seq, dtype=torch.bool)), seq.numel())
-    tok, here = Tokenizer.from_pretrained(cfg.model_dir), os.path.dirname(os.path.abspath(__file__))
-    text = "".join(open(os.path.join(here, f), encoding="utf-8").read() for f in ("README.md", "NRT.md", "train.py"))
-    text = (text * (1 + 10**6 // len(text)))[:10**6]  # encode speed: 1 MB of this project's own prose and code
-    rate("tokenizer_encode_mb_s", lambda: tok.encode(text), len(text.encode()) / 1e6, 2)
 
     if cfg.compile:
         compile_model(model)  # each first call compiles (a batch-1 graph, then one for other sizes): timed apart

@@ -1,12 +1,14 @@
 """Checkpoints on disk: Hugging Face model directories in and out, and train.py's out_dir.
 
-`load_model` / `save_model` read and write config.json + safetensors (one file, or shards with an index) through
-model.py's name table; `prepare_out_dir`, `save_checkpoint` and `load_for_training` own train.py's out_dir: its rules,
-its lock, its checkpoints. Choices: a load copies one tensor at a time into the allocated parameters (never two copies
-in memory); every file is written under a temp name, then renamed; out_dir is itself a model directory. A checkpoint is
-one unit: its files go to out_dir/.ckpt-tmp, then its manifest (the commit point), then they are renamed into place;
-the next start finishes or discards a save cut short, so kill -9 at any instant leaves the last complete checkpoint.
-Left out: formats other than safetensors (.bin pickles, GGUF: prepare.py converts the default).
+`load_model` reads config.json + safetensors (one file, or shards with an index), `save_model` writes one file,
+through model.py's name table; `prepare_out_dir`, `save_checkpoint` and `load_for_training` own train.py's out_dir:
+its rules, its lock, its checkpoints. Choices: a load copies one tensor at a time into the allocated parameters (never
+two copies in memory); every file is written under a temp name, then renamed; out_dir is itself a model directory. A
+checkpoint is one unit: its files go to out_dir/.ckpt-tmp, then its manifest (the commit point), then they are renamed
+into place; the next start finishes or discards a save cut short, so kill -9 at any instant leaves the last complete
+checkpoint.
+Left out: formats other than safetensors (.bin pickles, GGUF: prepare.py converts the default); writing shards (one
+file of any size loads in transformers too).
 """
 import atexit
 import fcntl
@@ -85,27 +87,18 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model
 
 
-def save_model(model, path, max_shard_bytes=5 * 2**30, weight=None):
-    """config.json + safetensors (sharded with an index above max_shard_bytes), every file atomically.
-    `weight(our_name, tensor)` may replace a tensor on its way out (lora.py writes merged weights so)."""
+def save_model(model, path, weight=None):
+    """config.json + model.safetensors, each written atomically; a shard index there, which would shadow the new
+    file, goes. `weight(our_name, tensor)` may replace a tensor on its way out (lora.py writes merged weights so)."""
     os.makedirs(path, exist_ok=True)
-    params, shards, size = dict(model.named_parameters()), [{}], 0
-    for ours, hf in hf_names(model.cfg).items():  # fill shards in order, a new one when the next would overflow
-        t = (weight(ours, params[ours].detach()) if weight else params[ours].detach()).contiguous().cpu()
-        if shards[-1] and size + t.nbytes > max_shard_bytes:
-            shards, size = shards + [{}], 0
-        shards[-1][hf], size = t, size + t.nbytes
-    n, index = len(shards), os.path.join(path, "model.safetensors.index.json")
-    files = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    for file, shard in zip(files, shards):
-        save_file(shard, os.path.join(path, file + ".tmp"), metadata={"format": "pt"})
-        _finish(os.path.join(path, file + ".tmp"), rename_to=os.path.join(path, file))
-    if n > 1:
-        atomic_write(index, {"metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard.values())},
-                             "weight_map": {name: file for file, shard in zip(files, shards) for name in shard}})
-    elif os.path.exists(index):  # a stale index would shadow the new single file
+    params, file = dict(model.named_parameters()), os.path.join(path, "model.safetensors")
+    tensors = {hf: (weight(ours, params[ours].detach()) if weight else params[ours].detach()).contiguous().cpu()
+               for ours, hf in hf_names(model.cfg).items()}
+    save_file(tensors, file + ".tmp", metadata={"format": "pt"})
+    _finish(file + ".tmp", rename_to=file)
+    if os.path.exists(index := os.path.join(path, "model.safetensors.index.json")):
         os.remove(index)
-    dtype = str(next(iter(shards[0].values())).dtype).removeprefix("torch.")
+    dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(os.path.join(path, "config.json"), dict(model.cfg.hf, torch_dtype=dtype))
 
 

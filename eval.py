@@ -137,7 +137,7 @@ def evaluate_chunk(model, tok, rows, start, opt, delimiter_ids, generator):
 
 
 def evaluate(model, tok, rows, instruction="", system="", delimiter=DELIMITER, max_think_tokens=48,
-             max_answer_tokens=16, think=True, batch_size=16, k=1, n_samples=0, temperature=1.0, seed=0,
+             max_answer_tokens=16, think=True, batch_size=32, k=1, n_samples=0, temperature=1.0, seed=0,
              on_examples=lambda chunk: None, label=None):
     """(summary, per-example dicts) of `rows` (question, answer, aliases?, options?), chunk by chunk: on_examples
     gets each finished chunk, and a `label` turns on a progress line (stderr)."""

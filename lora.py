@@ -146,8 +146,8 @@ def load_adapters(model, path):
     return list(params.values())
 
 
-def save_merged(model, path, max_shard_bytes=5 * 2**30):
+def save_merged(model, path):
     """Write the merged model (W + (alpha/r)·B·A) as a Hugging Face checkpoint, leaving `model` untouched:
     the same files as `save_pretrained` after `merge_lora`, so training goes on from the unmerged weights."""
     mods = {name + ".weight": m for name, m in lora_modules(model).items()}
-    save_model(model, path, max_shard_bytes, weight=lambda name, w: mods[name].merged_weight() if name in mods else w)
+    save_model(model, path, weight=lambda name, w: mods[name].merged_weight() if name in mods else w)

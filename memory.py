@@ -1,8 +1,7 @@
 """Memory plan: will an NRT run fit on this GPU? Counted from config.json, before loading any weight.
 
-    python memory.py --preset_model=llama-3.1-8b --lora_rank=16       # one run's breakdown
-    python memory.py --readme=True                                     # the README's table
-    python train.py --dry_run=True ...                                 # the same for a training config
+    python train.py --dry_run=True --model_dir=DIR ...   # the plan of a training config (config.json, tokenizer)
+    python memory.py                                      # the README's table for the Llama sizes
 
 total = weights + gradients + optimizer + max(activations, KV cache) + overhead (1 GiB of CUDA context).
 Exact: weights in the working dtype (+ fp32 LoRA adapters); a gradient per trained parameter (fp32 for fp32
@@ -20,25 +19,18 @@ import os
 import torch
 
 from checkpoint import load_config
-from cli import check_ranges, parse_args, resolve_device
+from cli import resolve_device
 from data import answer_ids, load_rows, prompt_ids
 from model import ModelConfig
 from tokenizer import Tokenizer
 
 GiB = 2**30
-PRESETS = {  # the Hub's config.json, so no download: ModelConfig(vocab, dim, layers, heads, kv heads, head dim, ffn)
-    "smollm2-135m": ModelConfig(49152, 576, 30, 9, 3, 64, 1536, tie_embeddings=True),
+LLAMAS = {  # the README table's models, from the Hub's config.json: vocab, dim, layers, heads, kv heads, head dim, ffn
     "llama-3.2-1b": ModelConfig(128256, 2048, 16, 32, 8, 64, 8192, tie_embeddings=True),
     "llama-3.2-3b": ModelConfig(128256, 3072, 28, 24, 8, 128, 8192, tie_embeddings=True),
     "llama-3.1-8b": ModelConfig(128256, 4096, 32, 32, 8, 128, 14336),
 }
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache")
-
-
-def preset_config(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise SystemExit(f"--preset_model: expected one of {sorted(PRESETS)}, got {name!r}")
-    return PRESETS[name]
 
 
 def param_count(cfg: ModelConfig, lora_rank=0, targets=()) -> int:
@@ -80,29 +72,13 @@ def memory_plan(cfg: ModelConfig, *, K, B, seq_len, weight_bytes, master_fp32, l
     return plan
 
 
-def plan_run(model_cfg: ModelConfig, c, dtype, seq_len, budget_gb, title, overhead_gb=1.0) -> dict:
-    """memory_plan for the flags of train.py or memory.py (the same names) with dtype resolved (not auto), printed."""
-    plan = memory_plan(model_cfg, K=c.samples_per_question, B=c.questions_per_step, seq_len=seq_len,
-                       weight_bytes=4 if dtype == "float32" else 2, master_fp32=dtype == "bf16-mixed",
-                       lora_rank=c.lora_rank, lora_targets=c.lora_targets.split(","),
-                       checkpointing=c.activation_checkpointing, budget_gb=budget_gb, overhead_gb=overhead_gb)
-    print(f"{title}\n  parameters {plan['params'] / 1e6:,.1f}M, trained {plan['trainable_params'] / 1e6:,.2f}M, "
-          f"training rows of {plan['seq_len']} tokens")
-    for key in (*COMPONENTS, "overhead", "total"):
-        print(f"  {key:<12} {plan[key] / GiB:>8.1f} GiB" + ("   (rule of thumb)" if key == "activations" else ""))
-    if plan["budget"] is not None:
-        print(f"  {'fits' if plan['fits'] else 'DOES NOT FIT'} in {plan['budget'] / GiB:.1f} GiB "
-              f"({100 * plan['total'] / plan['budget']:.0f} %)")
-    return plan
-
-
-def readme_table(budget_gb=80.0, prompt_len=256, think=1024, answer=32, K=8, rank=16) -> str:
+def readme_table(budget_gb=80.0, seq_len=256 + 1024 + 32, K=8, rank=16) -> str:
     """Markdown: the three Llama sizes, full fine-tuning (bf16-mixed) vs LoRA (bf16 base), ± checkpointing."""
     lines = [f"| model | training | act. ckpt | weights | grads | optimizer | activations | KV cache | total "
              f"| fits {budget_gb:g} GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|:-:|"]
-    for name, lora_rank, ckpt in itertools.product([n for n in PRESETS if "llama" in n], (0, rank), (False, True)):
-        p = memory_plan(preset_config(name), K=K, B=1, seq_len=prompt_len + think + answer, weight_bytes=2,
-                        master_fp32=True, lora_rank=lora_rank, checkpointing=ckpt, budget_gb=budget_gb)
+    for name, lora_rank, ckpt in itertools.product(LLAMAS, (0, rank), (False, True)):
+        p = memory_plan(LLAMAS[name], K=K, B=1, seq_len=seq_len, weight_bytes=2, master_fp32=True,
+                        lora_rank=lora_rank, checkpointing=ckpt, budget_gb=budget_gb)
         how = f"LoRA r={lora_rank} q,k,v,o" if lora_rank else "full, bf16-mixed"
         cells = " | ".join(f"{p[c] / GiB:.1f}" for c in (*COMPONENTS, "total"))
         lines.append(f"| {name} | {how} | {'yes' if ckpt else 'no'} | {cells} | {'yes' if p['fits'] else 'no'} |")
@@ -110,7 +86,7 @@ def readme_table(budget_gb=80.0, prompt_len=256, think=1024, answer=32, K=8, ran
 
 
 def plan_training_run(cfg) -> dict:
-    """train.py --dry_run=True: the plan for a training config, from config.json and the tokenizer alone."""
+    """train.py --dry_run=True: the plan for a training config, from config.json and the tokenizer alone, printed."""
     tok, device = Tokenizer.from_pretrained(cfg.model_dir), resolve_device(cfg.device)
     some = load_rows(cfg.data)[:2000]  # the longest prompt and answer among up to 2000 questions
     prompt = max(len(prompt_ids(tok, q["question"], cfg.instruction, cfg.system)) for q in some)
@@ -119,35 +95,21 @@ def plan_training_run(cfg) -> dict:
     budget = cfg.gpu_mem_gb or (torch.cuda.get_device_properties(device).total_memory if cuda  # 0: the GPU's
                                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")) / GiB  # or the machine's
     dtype = cfg.dtype if cfg.dtype != "auto" else "bf16-mixed" if cuda else "float32"  # as cli.resolve_precision
-    return plan_run(load_config(cfg.model_dir), cfg, dtype, prompt + cfg.max_think_tokens + answer, budget,
-                    f"memory plan ({device}, {cfg.questions_per_step} questions × {cfg.samples_per_question} traces, "
-                    f"prompt ≤ {prompt}, think ≤ {cfg.max_think_tokens}, answer ≤ {answer} tokens):",
-                    overhead_gb=1.0 if cuda else 0.5)
-
-
-DEFAULTS = dict(
-    model_dir="",                 # a HF model directory (its config.json); overrides preset_model
-    preset_model="llama-3.2-1b",  # smollm2-135m | llama-3.2-1b | llama-3.2-3b | llama-3.1-8b
-    samples_per_question=8,       # K: rows of one training micro-batch
-    questions_per_step=1,         # B: questions sampled together (the KV cache holds B·K rows)
-    prompt_len=256, max_think_tokens=1024, answer_len=32,  # the tokens of one training row
-    dtype="bf16-mixed",           # bf16-mixed | bf16-true | float32
-    lora_rank=0, lora_targets="wq,wk,wv,wo",  # lora_rank > 0: LoRA on lora_targets, base frozen
-    activation_checkpointing=False, gpu_mem_gb=80.0,  # gpu_mem_gb: the budget checked (0 = none)
-    readme=False,                 # print the README table instead
-)
-
-
-def main():
-    a = parse_args(DEFAULTS)
-    if a.readme:
-        return print(readme_table(a.gpu_mem_gb, a.prompt_len, a.max_think_tokens, a.answer_len,
-                                  a.samples_per_question, a.lora_rank or 16))
-    check_ranges(a, dtype=(a.dtype in ("bf16-mixed", "bf16-true", "float32"), "bf16-mixed, bf16-true or float32"))
-    cfg = load_config(a.model_dir) if a.model_dir else preset_config(a.preset_model)
-    plan_run(cfg, a, a.dtype, a.prompt_len + a.max_think_tokens + a.answer_len, a.gpu_mem_gb or None,
-             f"memory plan for {os.path.basename(a.model_dir) or a.preset_model}:")
+    plan = memory_plan(load_config(cfg.model_dir), K=cfg.samples_per_question, B=cfg.questions_per_step,
+                       seq_len=prompt + cfg.max_think_tokens + answer, weight_bytes=4 if dtype == "float32" else 2,
+                       master_fp32=dtype == "bf16-mixed", lora_rank=cfg.lora_rank,
+                       lora_targets=cfg.lora_targets.split(","), checkpointing=cfg.activation_checkpointing,
+                       budget_gb=budget, overhead_gb=1.0 if cuda else 0.5)
+    print(f"memory plan ({device}, {cfg.questions_per_step} questions × {cfg.samples_per_question} traces, prompt ≤ "
+          f"{prompt}, think ≤ {cfg.max_think_tokens}, answer ≤ {answer} tokens):\n  parameters "
+          f"{plan['params'] / 1e6:,.1f}M, trained {plan['trainable_params'] / 1e6:,.2f}M, training rows of "
+          f"{plan['seq_len']} tokens")
+    for key in (*COMPONENTS, "overhead", "total"):
+        print(f"  {key:<12} {plan[key] / GiB:>8.1f} GiB" + ("   (rule of thumb)" if key == "activations" else ""))
+    print(f"  {'fits' if plan['fits'] else 'DOES NOT FIT'} in {plan['budget'] / GiB:.1f} GiB "
+          f"({100 * plan['total'] / plan['budget']:.0f} %)")
+    return plan
 
 
 if __name__ == "__main__":
-    main()
+    print(readme_table())

@@ -135,13 +135,18 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # [wq; wk; wv] as one matrix, set by sample.py while it decodes (one matmul, not three); a buffer, so that a
+        # compiled step takes it as an input at a fixed address (CUDA graphs), and never saved (not persistent)
+        self.register_buffer("fused", None, persistent=False)
 
     def forward(self, x, cos, sin, mask, cache=None, layer=0, pos=None):
         """mask None = causal over x itself; with a cache, `pos` (T,) are the slots this chunk fills."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        q, k, v = (F.linear(x, self.fused).split([self.wq.out_features, *[self.wk.out_features] * 2], -1)
+                   if self.fused is not None else (self.wq(x), self.wk(x), self.wv(x)))
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write at the position tensor (an in-place index_put), attend over all slots
             cache.k[layer][:, :, pos] = k.to(cache.k[layer].dtype)
@@ -159,9 +164,11 @@ class MLP(nn.Module):
         self.w_gate = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w_up = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.w_down = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.register_buffer("fused", None, persistent=False)  # [w_gate; w_up] while sample.py decodes (as Attention)
 
     def forward(self, x):
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        gate, up = F.linear(x, self.fused).chunk(2, -1) if self.fused is not None else (self.w_gate(x), self.w_up(x))
+        return self.w_down(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -238,9 +245,9 @@ class Transformer(nn.Module):
         from checkpoint import load_model
         return load_model(path, dtype, device)
 
-    def save_pretrained(self, path, max_shard_bytes=5 * 2**30):
+    def save_pretrained(self, path):
         from checkpoint import save_model
-        save_model(self, path, max_shard_bytes)
+        save_model(self, path)
 
 
 def token_logprobs(model: Transformer, tokens, mask, key_valid=None, chunk=1024):

@@ -19,6 +19,7 @@ Choices
     with temperature 0 (greedy) the model's plain log-probs.
   - Under autocast (bf16-mixed) linear weights are copied to bf16 once per call and put back after: autocast's cast
     cache is eager-only (a compiled step would re-cast every weight every step) and bypassed under inference_mode.
+    The copies of q/k/v and of gate/up are one matrix each, so a step makes one matmul of each, not three and two.
     Embedding, norms and the vocabulary projection stay fp32 (so does the residual stream, as in training); cache: bf16.
   - Stop strings are checked on text through the caller's `decode`, on each row's last few tokens.
 
@@ -140,20 +141,29 @@ def matches_stop_string(ids: list[int], stop_strings, decode) -> bool:
 
 def casting_weights_once(fn):
     """Under autocast with fp32 weights: every linear layer but the vocabulary projection holds a copy of its
-    weight in the autocast dtype while `fn` runs, so no step casts a weight again (module docstring)."""
+    weight in the autocast dtype while `fn` runs, so no step casts a weight again (module docstring); the copies
+    of q/k/v and of gate/up are each one fused matrix (Attention.fused, MLP.fused), which LoRA layers never join."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
         device = model.embed.weight.device.type
         if not torch.is_autocast_enabled(device) or model.embed.weight.dtype != torch.float32:
             return fn(model, *args, **kwargs)
-        fp32 = {m: m.weight.data for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head}
+        dtype, fp32, fused = torch.get_autocast_dtype(device), {}, set()
+        parts = [(p, [getattr(p, n) for n in names]) for block in model.layers
+                 for p, names in ((block.attn, ("wq", "wk", "wv")), (block.mlp, ("w_gate", "w_up")))]
         try:
-            for m, w in fp32.items():
-                m.weight.data = w.to(torch.get_autocast_dtype(device))
+            for part, linears in parts:
+                if all(type(m) is torch.nn.Linear for m in linears):  # plain layers are fused (an adapter is not)
+                    part.fused, fused = torch.cat([m.weight.data for m in linears]).to(dtype), fused | set(linears)
+            for m in model.modules():
+                if isinstance(m, torch.nn.Linear) and m is not model.lm_head and m not in fused:
+                    fp32[m], m.weight.data = m.weight.data, m.weight.data.to(dtype)
             return fn(model, *args, **kwargs)
         finally:
             for m, w in fp32.items():
                 m.weight.data = w
+            for part, _ in parts:
+                part.fused = None
     return wrapper
 
 

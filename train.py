@@ -62,7 +62,7 @@ DEFAULTS = dict(
     temperature=1.0,
     rollout_questions=0,         # questions per sampler call (0 = all B at once; bounds the KV cache on a GPU)
     # optimisation
-    steps=50,
+    steps=45,
     lr=1e-5,
     warmup_frac=0.1,
     min_lr_frac=0.1,             # cosine decay to lr · min_lr_frac (1.0 = constant after warm-up)
@@ -97,7 +97,7 @@ PRESETS = {
                   eval_questions=8, example_every=2, save_every=2),
     "rlpr": dict(aggregation="am", token_loss_coef=0.0, baseline_clip=False),
     "verifree": dict(aggregation="prob", token_weight="derived", baseline_clip=False),
-    # four times the default's steps, answer NLL weighted by α_i c_i, 400 held-out questions: README "Results"
+    # 200 steps, answer NLL weighted by α_i c_i, 400 held-out questions: README "Results"
     "long": dict(steps=200, token_weight="derived", eval_questions=400),
     # the authors' released recipe (README: "The released recipe"), at this project's batch size and trace length
     "paper": dict(delimiter="<|response_start|>", new_delimiter_token=True, instruction="", baseline_clip=False,

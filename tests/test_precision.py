@@ -4,6 +4,7 @@ and torch.compile, on tiny random models.
   - autocast's fp32 → bf16 weight casts happen once per generate call, not once per decode step;
   - log-probs (token_logprobs, sampling logits) come from an fp32 vocabulary projection under autocast;
   - greedy decoding with the cache equals naive recompute under bf16-mixed;
+  - the decode step's fused q/k/v and gate/up matmuls change no token and no parameter name;
   - compile_model: zero graph breaks, a bounded set of graphs over calls of many shapes, clean names.
 """
 import pytest
@@ -14,6 +15,7 @@ from torch._dynamo.utils import counters
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import sample
+from lora import apply_lora
 from model import token_logprobs
 from sample import compile_model, generate, generate_naive
 
@@ -49,7 +51,7 @@ def test_bf16_mixed_generate_casts_each_weight_once():
     model = tiny_model()
     matrices = sum(p.dim() == 2 for p in model.parameters())
     short, long = weight_casts(model, 2), weight_casts(model, 12)
-    assert 0 < short <= matrices  # the first step casts each weight once ...
+    assert 0 < short <= matrices  # the first step casts each weight once (fused q/k/v, gate/up: cast after a cat) ...
     assert long == short  # ... and no later decode step casts again
     assert weight_casts(model, 12, outer=torch.inference_mode) == long  # the copy does not rely on autocast's cache
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the fp32 weights are back afterwards
@@ -58,17 +60,57 @@ def test_bf16_mixed_generate_casts_each_weight_once():
         cache = sample.KVCache(model.cfg, 1, 8, torch.bfloat16, "cpu")
         for pos in range(3):
             sample.decode_step(model, torch.tensor([pos + 1]), pos, cache)
-    assert counter.count == 3 * short
+    assert counter.count == 3 * 7 * model.cfg.n_layers  # every linear of every block, at every step
 
 
 def test_bf16_mixed_generate_runs_on_bf16_linear_weights():
     """What a (compiled) decode step sees: bf16 linear weights, nothing to cast in its graph; fp32 lm_head."""
     model, seen = tiny_model(), set()
-    model.layers[0].attn.wq.register_forward_hook(lambda m, i, o: seen.add((m.weight.dtype, o.dtype)))
+    model.layers[0].attn.wo.register_forward_hook(lambda m, i, o: seen.add((m.weight.dtype, o.dtype)))
+    model.layers[0].attn.register_forward_pre_hook(lambda m, i: seen.add(("fused", m.fused.dtype)))
     with torch.no_grad(), bf16_mixed():
         out = generate(model, [[1, 2, 3]], max_new_tokens=4, temperature=0)
-    assert seen == {(torch.bfloat16, torch.bfloat16)} and model.layers[0].attn.wq.weight.dtype == torch.float32
+    assert seen == {(torch.bfloat16, torch.bfloat16), ("fused", torch.bfloat16)}
+    assert model.layers[0].attn.wo.weight.dtype == torch.float32 and model.layers[0].attn.fused is None
     assert model.lm_head.weight.dtype == torch.float32 and len(out.tokens[0]) == 4
+
+
+class CountMatmuls(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default)
+        return func(*args, **(kwargs or {}))
+
+
+def matmuls_per_step(decode):
+    counts = []
+    for n in (2, 7):
+        with torch.no_grad(), bf16_mixed(), CountMatmuls() as counter:
+            decode(n)
+        counts.append(counter.count)
+    return (counts[1] - counts[0]) / 5
+
+
+def test_bf16_mixed_decode_fuses_qkv_and_gate_up_invisibly():
+    """While decoding, q/k/v and gate/up are one matmul each: the same tokens and log-probs as the layers one by one,
+    parameters and names untouched, no fused copy left afterwards; a LoRA-adapted layer is never fused."""
+    model = tiny_model()
+    names, L = [n for n, _ in model.named_parameters()], model.cfg.n_layers
+    prompts, kwargs = [[1, 2, 3], [4, 5]], dict(num_samples=2, temperature=0)
+    unfused = generate.__wrapped__  # generate without its weight copies: autocast casts each layer's weight itself
+    assert matmuls_per_step(lambda n: generate(model, prompts, max_new_tokens=n, **kwargs)) == 4 * L + 1
+    assert matmuls_per_step(lambda n: unfused(model, prompts, max_new_tokens=n, **kwargs)) == 7 * L + 1
+    with torch.no_grad(), bf16_mixed():
+        fused, plain = (fn(model, prompts, max_new_tokens=20, **kwargs) for fn in (generate, unfused))
+    assert fused.tokens == plain.tokens and len(set(fused.tokens[0])) > 5
+    torch.testing.assert_close(torch.tensor(fused.logprobs), torch.tensor(plain.logprobs), atol=0.02, rtol=0)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(b.attn.fused is None and b.mlp.fused is None for b in model.layers)
+    apply_lora(model, 2, 4.0, targets="wq,wv")  # attention adapted: only the MLPs are fused
+    assert matmuls_per_step(lambda n: generate(model, prompts, max_new_tokens=n, **kwargs)) == (3 + 1 + 3 + 1 + 2) * L + 1  # wq, wv: W, A, B
 
 
 def test_kv_cache_is_in_the_autocast_dtype(monkeypatch):
@@ -161,6 +203,20 @@ def test_compiled_model_has_no_graph_breaks_and_bounded_graphs():
     torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses))
     assert not [n for n in model.state_dict() if "_orig_mod" in n]
     assert {n for n, _ in model.named_parameters()} == {n for n, _ in eager.named_parameters()}
+
+
+def test_compiled_bf16_mixed_decode_reuses_its_graphs():
+    """Under bf16-mixed each generate call brings fresh bf16 (and fused) weight copies: inputs of the graphs,
+    not constants baked into them, so a second round of calls compiles nothing new."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = compile_model(tiny_model(), backend="aot_eager")
+    with bf16_mixed():
+        outs = generate_calls(model)
+        graphs = counters["stats"]["unique_graphs"]
+        again = generate_calls(model)
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == graphs
+    assert [o.tokens for o in outs] == [o.tokens for o in again]
 
 
 def test_inductor_compiled_greedy_matches_eager():
