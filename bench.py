@@ -7,13 +7,14 @@ checked here by reading the numbers, never by timed assertions in tests. All fig
 Every decode: 64-token prompt, greedy, no stop tokens (all rows run 256 new tokens), in the --dtype precision (weights
 in cli.resolve_precision's dtype, every run in its autocast). Measured: batch 1 and 8, eager and, with --compile=True,
 after sample.compile_model (the compiling first call timed apart); naive full recompute at batch 1; whether the cached,
-compiled, naive and HF greedy tokens agree; teacher-forced scoring (token_logprobs, no grad); peak memory (CUDA
-allocator peak on a GPU, process max RSS on CPU); with --hf=True and `transformers` installed,
+compiled, naive and HF greedy tokens agree; teacher-forced scoring (token_logprobs, no grad); tokenizer encode
+speed; peak memory (CUDA allocator peak on a GPU, process max RSS on CPU); with --hf=True and `transformers` installed,
 Hugging Face `generate` at batch 1 and 8 on the same weights and settings (ours_vs_hf_b1/b8 divide our fastest decode);
 matmul_floor_b1_tok_s: every weight matrix times one row, per second, a rate no batch-1 decoder beats.
 """
 import importlib.util
 import json
+import os
 import resource
 import time
 
@@ -22,6 +23,7 @@ import torch
 from cli import parse_args, print_config, resolve_device, resolve_precision
 from model import Transformer, token_logprobs
 from sample import compile_model, generate, generate_naive
+from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     model_dir="models/SmolLM2-135M-Instruct",
@@ -71,14 +73,27 @@ def main():
 
     tokens = {rows: rate(f"decode_b{rows}_tok_s", lambda: decode(rows), rows * NEW) for rows in (1, 8)}
     # The batch-1 floor: each weight matrix multiplied once by one row, the least work any decoder does per token
-    # (at batch 1 that is reading every weight from memory); no attention, norms or sampling.
-    mats = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    one_row = {w.shape[1]: torch.randn(1, w.shape[1], device=device) for w in mats}
-    rate("matmul_floor_b1_tok_s", lambda: [torch.nn.functional.linear(one_row[w.shape[1]], w) for w in mats], 1, 20)
+    # (at batch 1 that is reading every weight from memory); no attention, norms or sampling. The matrices are in
+    # the dtypes a decode step multiplies in (bf16-mixed: bf16, cast once here, the vocabulary projection fp32).
+    device_type = device.split(":")[0]
+    with autocast():
+        low = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else dtype
+    mats = [m.weight if m is model.lm_head else m.weight.to(low) for m in model.modules()
+            if isinstance(m, torch.nn.Linear)]
+    one_row = {(w.shape[1], w.dtype): torch.randn(1, w.shape[1], device=device, dtype=w.dtype) for w in mats}
+
+    def floor():
+        with torch.autocast(device_type, enabled=False):  # each product in its matrix's own dtype
+            return [torch.nn.functional.linear(one_row[w.shape[1], w.dtype], w) for w in mats]
+    rate("matmul_floor_b1_tok_s", floor, 1, 20)
     print(f"cached batch 1 is {results['decode_b1_tok_s'] / results['matmul_floor_b1_tok_s']:.0%} of the floor")
 
     seq = torch.tensor(prompt, device=device).repeat(cfg.score_rows, cfg.score_len)[:, :cfg.score_len]
     rate("score_tok_s", lambda: token_logprobs(model, seq, torch.ones_like(seq, dtype=torch.bool)), seq.numel())
+    tok, here = Tokenizer.from_pretrained(cfg.model_dir), os.path.dirname(os.path.abspath(__file__))
+    text = "".join(open(os.path.join(here, f), encoding="utf-8").read() for f in ("README.md", "NRT.md", "train.py"))
+    text = (text * (1 + 10**6 // len(text)))[:10**6]  # encode speed: 1 MB of this project's own prose and code
+    rate("tokenizer_encode_mb_s", lambda: tok.encode(text), len(text.encode()) / 1e6, 2)
 
     if cfg.compile:
         compile_model(model)  # each first call compiles (a batch-1 graph, then one for other sizes): timed apart
