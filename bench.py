@@ -1,16 +1,12 @@
 """Benchmark of the hot paths: KV-cached sampling (eager and compiled), naive recompute, scoring, memory.
 
-Prints one line per measurement, under its JSON key, and ends with one JSON line for scripts. Speed targets are
-checked here by reading the numbers, never by timed assertions in tests. All figures come from one process, so ratios
-(cached / naive, compiled / eager, ours / Hugging Face) are comparable on a noisy machine.
-
-Every decode: 64-token prompt, greedy, no stop tokens (all rows run 256 new tokens), in the --dtype precision (weights
-in cli.resolve_precision's dtype, every run in its autocast). Measured: batch 1 and 8, eager and, with --compile=True,
-after sample.compile_model (the compiling first call timed apart); naive full recompute at batch 1; whether the cached,
-compiled, naive and HF greedy tokens agree; teacher-forced scoring (token_logprobs, no grad); tokenizer encode
-speed; peak memory (CUDA allocator peak on a GPU, process max RSS on CPU); with --hf=True and `transformers` installed,
-Hugging Face `generate` at batch 1 and 8 on the same weights and settings (ours_vs_hf_b1/b8 divide our fastest decode);
-matmul_floor_b1_tok_s: every weight matrix times one row, per second, a rate no batch-1 decoder beats.
+Speed targets are checked here by reading the printed numbers, never by timed assertions in tests. All figures come
+from one process, so ratios (cached / naive, compiled / eager, ours / Hugging Face) are comparable on a noisy machine.
+Every decode: a 64-token prompt, greedy, no stop tokens (256 new tokens a row), batch 1 and 8, in the --dtype
+precision; compiled runs time their compiling first call apart. Also: whether the cached, compiled, naive and HF
+greedy tokens agree; scoring (token_logprobs, 8 × 256 tokens, no grad); tokenizer encode speed; peak memory (CUDA
+allocator peak, or max RSS on CPU); matmul_floor_b1_tok_s: every weight matrix times one row, per second, a rate no
+batch-1 decoder beats. One line per figure under its JSON key, then one JSON line for scripts.
 """
 import importlib.util
 import json
@@ -27,17 +23,14 @@ from tokenizer import Tokenizer
 
 DEFAULTS = dict(
     model_dir="models/SmolLM2-135M-Instruct",
-    prompt_len=64,
     device="auto",
     dtype="auto",         # cli.PRECISIONS: auto | float32 | bf16-mixed | bf16-true
     compile=True,         # also time the decode after sample.compile_model (compiling takes ~1 min on CPU)
     naive=True,           # the naive loop at 256 tokens takes about a minute on 2 CPU cores
     hf=True,              # also time Hugging Face generate, if transformers is installed
-    score_rows=8,
-    score_len=256,
     repeats=2,            # best of N for the cached runs
 )
-NEW = 256  # new tokens of every decode
+PROMPT, NEW, SCORE = 64, 256, (8, 256)  # prompt tokens, new tokens of every decode, scored rows × tokens
 
 
 def main():
@@ -47,7 +40,7 @@ def main():
     dtype, autocast = resolve_precision(cfg.dtype, device)
     model = Transformer.from_pretrained(cfg.model_dir, dtype=dtype, device=device).eval()
     g = torch.Generator().manual_seed(0)  # a deterministic prompt from the ordinary-text part of the vocabulary
-    prompt = torch.randint(1000, min(model.cfg.vocab_size, 30000), (cfg.prompt_len,), generator=g).tolist()
+    prompt = torch.randint(1000, min(model.cfg.vocab_size, 30000), (PROMPT,), generator=g).tolist()
     print(f"device {device}, --dtype={cfg.dtype} (weights {dtype}), {torch.get_num_threads()} threads, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters")
     results = {}
@@ -88,7 +81,7 @@ def main():
     rate("matmul_floor_b1_tok_s", floor, 1, 20)
     print(f"cached batch 1 is {results['decode_b1_tok_s'] / results['matmul_floor_b1_tok_s']:.0%} of the floor")
 
-    seq = torch.tensor(prompt, device=device).repeat(cfg.score_rows, cfg.score_len)[:, :cfg.score_len]
+    seq = torch.tensor(prompt, device=device).repeat(*SCORE)[:, :SCORE[1]]
     rate("score_tok_s", lambda: token_logprobs(model, seq, torch.ones_like(seq, dtype=torch.bool)), seq.numel())
     tok, here = Tokenizer.from_pretrained(cfg.model_dir), os.path.dirname(os.path.abspath(__file__))
     text = "".join(open(os.path.join(here, f), encoding="utf-8").read() for f in ("README.md", "NRT.md", "train.py"))

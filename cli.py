@@ -10,6 +10,7 @@ import sys
 import time
 
 PRECISIONS = ("auto", "float32", "bf16-mixed", "bf16-true")
+DEVICES = re.compile(r"auto|cpu|cuda(:\d+)?")  # what --device accepts
 BOOLS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 AT_LEAST = dict(steps=1, questions_per_step=1, max_think_tokens=1, minibatches=1, rollout_questions=0, lora_rank=0,
                 eval_questions=0, save_every=0, weight_decay=0, policy_loss_coef=0, token_loss_coef=0,
@@ -55,10 +56,6 @@ def check_ranges(config: dict, **rules):
             raise SystemExit(f"--{key}={config[key]!r}: must be {allowed}")
 
 
-def valid_device(name: str) -> bool:
-    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
-
-
 def check_training_flags(c, aggregations):
     """train.py's choices and ranges, one line each (temperature and K only matter to NRT, which samples)."""
     for key, allowed in (("aggregation", aggregations), ("token_weight", ("fixed", "derived")),
@@ -74,8 +71,8 @@ def check_training_flags(c, aggregations):
         samples_per_question=(c.samples_per_question >= (2 if nrt else 1), "≥ 2 for NRT (≥ 1 for SFT)"),
         min_lr_frac=(0 <= c.min_lr_frac <= 1, frac), clip_low=(0 <= c.clip_low <= 1, f"{frac} (≤ 1 ≤ clip_high)"),
         clip_high=(c.clip_high >= 1, "≥ 1 (clip_low ≤ 1 ≤ clip_high)"),
-        device=(valid_device(c.device), "auto, cpu, cuda or cuda:N"), delimiter=(c.delimiter != "", "non-empty"),
-        data=(c.data.strip(" ,") != "", "one or more JSONL files"),
+        device=(bool(DEVICES.fullmatch(c.device)), "auto, cpu, cuda or cuda:N"),
+        delimiter=(c.delimiter != "", "non-empty"), data=(c.data.strip(" ,") != "", "one or more JSONL files"),
         new_delimiter_token=(not (c.new_delimiter_token and c.lora_rank), "False with --lora_rank > 0 (a frozen "
                              "embedding cannot learn a new token's row)"),
         dtype=(c.dtype != "bf16-true" or c.lora_rank > 0, "bf16-mixed, or bf16-true with --lora_rank > 0 (a frozen "

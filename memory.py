@@ -1,7 +1,6 @@
 """Memory plan: will an NRT run fit on this GPU? Counted from config.json, before loading any weight.
 
     python train.py --dry_run=True --model_dir=DIR ...   # the plan of a training config (config.json, tokenizer)
-    python memory.py                                      # the README's table for the Llama sizes
 
 total = weights + gradients + optimizer + max(activations, KV cache) + overhead (1 GiB of CUDA context).
 Exact: weights in the working dtype (+ fp32 LoRA adapters); a gradient per trained parameter (fp32 for fp32
@@ -13,7 +12,6 @@ key-value / ffn widths, r/b = bytes of the residual stream / matmul outputs: 4/4
 r·d per token per layer plus one block's worth; plus the vocabulary projection (1024 rows × vocab × 16 bytes).
 Left out: allocator fragmentation (keep ~10 % headroom), torch.compile's buffers.
 """
-import itertools
 import os
 
 import torch
@@ -25,11 +23,6 @@ from model import ModelConfig
 from tokenizer import Tokenizer
 
 GiB = 2**30
-LLAMAS = {  # the README table's models, from the Hub's config.json: vocab, dim, layers, heads, kv heads, head dim, ffn
-    "llama-3.2-1b": ModelConfig(128256, 2048, 16, 32, 8, 64, 8192, tie_embeddings=True),
-    "llama-3.2-3b": ModelConfig(128256, 3072, 28, 24, 8, 128, 8192, tie_embeddings=True),
-    "llama-3.1-8b": ModelConfig(128256, 4096, 32, 32, 8, 128, 14336),
-}
 COMPONENTS = ("weights", "gradients", "optimizer", "activations", "kv_cache")
 
 
@@ -72,19 +65,6 @@ def memory_plan(cfg: ModelConfig, *, K, B, seq_len, weight_bytes, master_fp32, l
     return plan
 
 
-def readme_table(budget_gb=80.0, seq_len=256 + 1024 + 32, K=8, rank=16) -> str:
-    """Markdown: the three Llama sizes, full fine-tuning (bf16-mixed) vs LoRA (bf16 base), ± checkpointing."""
-    lines = [f"| model | training | act. ckpt | weights | grads | optimizer | activations | KV cache | total "
-             f"| fits {budget_gb:g} GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|:-:|"]
-    for name, lora_rank, ckpt in itertools.product(LLAMAS, (0, rank), (False, True)):
-        p = memory_plan(LLAMAS[name], K=K, B=1, seq_len=seq_len, weight_bytes=2, master_fp32=True,
-                        lora_rank=lora_rank, checkpointing=ckpt, budget_gb=budget_gb)
-        how = f"LoRA r={lora_rank} q,k,v,o" if lora_rank else "full, bf16-mixed"
-        cells = " | ".join(f"{p[c] / GiB:.1f}" for c in (*COMPONENTS, "total"))
-        lines.append(f"| {name} | {how} | {'yes' if ckpt else 'no'} | {cells} | {'yes' if p['fits'] else 'no'} |")
-    return "\n".join(lines)
-
-
 def plan_training_run(cfg) -> dict:
     """train.py --dry_run=True: the plan for a training config, from config.json and the tokenizer alone, printed."""
     tok, device = Tokenizer.from_pretrained(cfg.model_dir), resolve_device(cfg.device)
@@ -109,7 +89,3 @@ def plan_training_run(cfg) -> dict:
     print(f"  {'fits' if plan['fits'] else 'DOES NOT FIT'} in {plan['budget'] / GiB:.1f} GiB "
           f"({100 * plan['total'] / plan['budget']:.0f} %)")
     return plan
-
-
-if __name__ == "__main__":
-    print(readme_table())

@@ -16,7 +16,7 @@ import sys
 import cli
 
 # out: the PNG ("" = <first run dir>/curves.png); smooth: trailing moving-average window in steps (1 = raw)
-DEFAULTS = dict(out="", smooth=1, title="")  # title: the figure's, above the legend of run names
+DEFAULTS = dict(out="", smooth=1)
 # (title, keys): the keys, or a key prefix meaning every key under it; line styles STYLES in that order
 PANELS = [
     ("reward: traces (solid) vs empty trace (dashed)", ["reward", "nrt/reward_empty"]),
@@ -109,13 +109,7 @@ def draw_evals(ax, runs):
         table[i + 1, -1].get_text().set_color(run["color"])
 
 
-def run_names(run_dirs):
-    """Each run's folder name, or its whole path where two runs share a name."""
-    names = [os.path.basename(os.path.normpath(os.path.abspath(d))) for d in run_dirs]
-    return [d if names.count(name) > 1 else name for d, name in zip(run_dirs, names)]
-
-
-def plot_runs(run_dirs, out="", smooth=1, title=""):
+def plot_runs(run_dirs, out="", smooth=1):
     """Draw the runs' log.jsonl into one PNG at `out` (default <first run dir>/curves.png); returns its path."""
     logs = [read_log(d) for d in run_dirs]  # every error before any drawing
     try:
@@ -123,8 +117,8 @@ def plot_runs(run_dirs, out="", smooth=1, title=""):
         from matplotlib.lines import Line2D
     except ImportError:
         raise SystemExit("plot.py needs matplotlib: pip install matplotlib") from None
-    runs = [dict(steps=s, evals=e, name=name, color=f"C{i % 10}")
-            for i, ((s, e), name) in enumerate(zip(logs, run_names(run_dirs)))]
+    runs = [dict(steps=s, evals=e, name=os.path.normpath(d), color=f"C{i % 10}")  # named after its out_dir
+            for i, ((s, e), d) in enumerate(zip(logs, run_dirs))]
     n_eval = sum(len(r["evals"]) for r in runs)
     fig = Figure(figsize=(13, 10.5 + 0.25 * n_eval), layout="constrained")
     grid = fig.add_gridspec(4, 3, height_ratios=[3, 3, 3, 0.8 + 0.25 * n_eval])
@@ -132,9 +126,8 @@ def plot_runs(run_dirs, out="", smooth=1, title=""):
         draw_panel(fig.add_subplot(grid[i // 3, i % 3]), panel_title, keys, runs, smooth, "step" if i >= 6 else "")
     draw_evals(fig.add_subplot(grid[3, :]), runs)
     handles = [Line2D([], [], color=r["color"], lw=2) for r in runs]
-    title += f"  (moving average of {smooth} steps)" if smooth > 1 else ""
     fig.legend(handles, [r["name"] for r in runs], loc="outside upper center", ncols=min(len(runs), 5), fontsize=9,
-               title=title.strip() or None, title_fontsize=11, frameon=False)  # a suptitle would overlap it
+               title=f"moving average of {smooth} steps" if smooth > 1 else None, frameon=False)
     out = out or os.path.join(run_dirs[0], "curves.png")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = os.path.splitext(out)[0] + ".tmp.png"  # .png: the extension tells matplotlib the format
@@ -150,8 +143,8 @@ def main(argv=None):
     cli.print_config(cfg)
     cli.check_ranges(cfg, smooth=(cfg.smooth >= 1, "a window ≥ 1"))
     if not run_dirs:
-        raise SystemExit("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=FILE] [--smooth=N] [--title=T]")
-    path = plot_runs(run_dirs, cfg["out"], cfg["smooth"], cfg["title"])
+        raise SystemExit("usage: python plot.py RUN_DIR [RUN_DIR ...] [--out=FILE] [--smooth=N]")
+    path = plot_runs(run_dirs, cfg.out, cfg.smooth)
     print(f"wrote {path}")
     return path
 

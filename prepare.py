@@ -46,8 +46,6 @@ SCALAR_FMT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10
 # ggml tensor types we dequantise (the file holds Q4_1, F32, one Q8_0) -> (elements per block, numpy block dtype)
 GGML_TYPES = {0: (1, np.dtype("<f4")), 1: (1, np.dtype("<f2")), 8: (32, np.dtype([("d", "<f2"), ("q", "i1", 32)])),
               3: (32, np.dtype([("d", "<f2"), ("m", "<f2"), ("q", "u1", 16)]))}
-OTHER_TYPES = {2: "Q4_0", 6: "Q5_0", 7: "Q5_1", 9: "Q8_1", 10: "Q2_K", 11: "Q3_K", 12: "Q4_K",
-               13: "Q5_K", 14: "Q6_K", 15: "Q8_K", 30: "BF16"}
 
 
 def read_gguf(buf):
@@ -89,8 +87,8 @@ def read_gguf(buf):
     tensors = {}
     for name, dims, ggml_type, offset in infos:
         if ggml_type not in GGML_TYPES:
-            raise ValueError(f"tensor {name!r} has ggml type {ggml_type} ({OTHER_TYPES.get(ggml_type, '?')}): "
-                             "only F32, F16, Q8_0 and Q4_1 are supported")
+            raise ValueError(f"tensor {name!r} has ggml type {ggml_type}: only F32 (0), F16 (1), Q8_0 (8) and "
+                             "Q4_1 (3) are supported")
         block, dtype = GGML_TYPES[ggml_type]
         pos = data_start + offset
         raw = take(int(np.prod(dims)) // block * dtype.itemsize, f"tensor {name!r}")

@@ -1,10 +1,8 @@
 """KV-cached sampling: the hot path of NRT (K reasoning traces per question, every step).
 
-What it is
-  A static KV cache, `prefill`, `decode_step` and `generate`: `num_samples` rows per prompt, each distinct prompt
-  prefilled once and its cache replicated into its K rows (the NRT access pattern). Prompts are left-padded to
-  one length, pad slots masked out of attention (RoPE is relative: a shifted start changes nothing). Sampling,
-  scoring and training are compiled by one call, `compile_model`.
+`generate` samples `num_samples` rows per prompt: each distinct prompt is prefilled once and its cache replicated
+into its K rows (the NRT access pattern). Prompts are left-padded to one length, pad slots masked out of attention
+(RoPE is relative: a shifted start changes nothing). `compile_model` compiles sampling, scoring and training at once.
 
 Choices
   - Static shapes, as in gpt-fast: a fixed-length cache (prompt + new tokens, rounded up to 64); each step
@@ -17,15 +15,10 @@ Choices
     uniform per row of the whole batch every step, from an explicit generator (no row depends on when others stop).
   - Log-probs are those of the distribution sampled from (after temperature, top-k, top-p), from fp32 logits;
     with temperature 0 (greedy) the model's plain log-probs.
-  - Under autocast (bf16-mixed) linear weights are copied to bf16 once per call and put back after: autocast's cast
-    cache is eager-only (a compiled step would re-cast every weight every step) and bypassed under inference_mode.
-    The copies of q/k/v and of gate/up are one matrix each, so a step makes one matmul of each, not three and two.
-    Embedding, norms and the vocabulary projection stay fp32 (so does the residual stream, as in training); cache: bf16.
+  - Under bf16-mixed, each linear weight is cast once per call, not once per step (`casting_weights_once`).
   - Stop strings are checked on text through the caller's `decode`, on each row's last few tokens.
-
-Left out
-  Beam search, repetition penalties, speculative decoding, paged caches, a rolling sliding-window cache (the
-  mask enforces Mistral's window).
+Left out: beam search, repetition penalties, speculative decoding, paged caches, a rolling sliding-window cache (the
+mask enforces Mistral's window).
 """
 import functools
 import sys
@@ -140,9 +133,10 @@ def matches_stop_string(ids: list[int], stop_strings, decode) -> bool:
 
 
 def casting_weights_once(fn):
-    """Under autocast with fp32 weights: every linear layer but the vocabulary projection holds a copy of its
-    weight in the autocast dtype while `fn` runs, so no step casts a weight again (module docstring); the copies
-    of q/k/v and of gate/up are each one fused matrix (Attention.fused, MLP.fused), which LoRA layers never join."""
+    """Under autocast with fp32 weights, every linear layer but the vocabulary projection (fp32, as are embedding, norms
+    and residual stream) holds a bf16 copy of its weight while `fn` runs: autocast's cast cache is eager-only (a
+    compiled step would re-cast every weight every step) and bypassed under inference_mode. The copies of q/k/v and
+    of gate/up are one fused matrix each (Attention.fused, MLP.fused; never a LoRA layer's): one matmul, not three."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
         device = model.embed.weight.device.type

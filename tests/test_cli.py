@@ -33,9 +33,9 @@ def test_a_flag_given_twice_is_an_error():
 
 
 def test_check_ranges_names_the_flag_and_its_range_and_devices():
-    from cli import check_ranges, valid_device
+    from cli import DEVICES, check_ranges
     check_ranges(dict(steps=3), steps=(True, "≥ 1"))
     with pytest.raises(SystemExit, match=r"^--steps=0: must be ≥ 1$"):
         check_ranges(dict(steps=0), steps=(False, "≥ 1"))
-    assert all(map(valid_device, ["auto", "cpu", "cuda", "cuda:0", "cuda:12"]))
-    assert not any(map(valid_device, ["tpu", "cuda:", "cuda:x", "", "CPU", "mps"]))
+    assert all(map(DEVICES.fullmatch, ["auto", "cpu", "cuda", "cuda:0", "cuda:12"]))
+    assert not any(map(DEVICES.fullmatch, ["tpu", "cuda:", "cuda:x", "", "CPU", "mps"]))
