@@ -87,13 +87,12 @@ def load_model(path, dtype=torch.float32, device="cpu") -> Transformer:
     return model
 
 
-def save_model(model, path, weight=None):
+def save_model(model, path, weight=lambda name, tensor: tensor):
     """config.json + model.safetensors, each written atomically; a shard index there, which would shadow the new
     file, goes. `weight(our_name, tensor)` may replace a tensor on its way out (lora.py writes merged weights so)."""
     os.makedirs(path, exist_ok=True)
     params, file = dict(model.named_parameters()), os.path.join(path, "model.safetensors")
-    tensors = {hf: (weight(ours, params[ours].detach()) if weight else params[ours].detach()).contiguous().cpu()
-               for ours, hf in hf_names(model.cfg).items()}
+    tensors = {hf: weight(ours, params[ours].detach()).contiguous().cpu() for ours, hf in hf_names(model.cfg).items()}
     save_file(tensors, file + ".tmp", metadata={"format": "pt"})
     _finish(file + ".tmp", rename_to=file)
     if os.path.exists(index := os.path.join(path, "model.safetensors.index.json")):
@@ -398,8 +397,7 @@ def load_tokenizer(cfg):
     if not cfg.new_delimiter_token or cfg.delimiter in tok.special_tokens:
         return tok, folder, None
     folder = extend_tokenizer(cfg.model_dir, cfg.delimiter, tok.n_vocab)  # the next free id
-    tok = Tokenizer.from_pretrained(folder)
-    return tok, folder, tok.special_id(cfg.delimiter)
+    return Tokenizer.from_pretrained(folder), folder, tok.n_vocab
 
 
 def load_for_training(cfg, device, weight_dtype, new_id=None, eos_id=None):

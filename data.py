@@ -14,13 +14,11 @@ import os
 import re
 import string
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 INSTRUCTION = "Think briefly, then write 'Answer:' followed by the final answer only."
 DELIMITER = "\nAnswer:"  # the end-of-thinking delimiter
 SUITES = {"default": ["arithmetic", "object_counting"],
           "all": ["arithmetic", "object_counting", "qa_wikidata", "strategyqa"]}
 ANSWER_LEAD_IN = re.compile(r"^(the\s+)?(final\s+)?answer\b(\s+is\b)?\s*:?\s*", re.IGNORECASE)
-YES_NO = ("yes", "no", "true", "false")
 
 
 def prompt_ids(tok, question, instruction=INSTRUCTION, system=""):
@@ -91,7 +89,7 @@ def resolve_paths(spec, split="test"):
     paths = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         for name in SUITES.get(item, [item]):
-            bundled = os.path.join(HERE, "data", f"{name}_{split}.jsonl")
+            bundled = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", f"{name}_{split}.jsonl")
             paths.append(bundled if not os.path.exists(name) and os.path.isfile(bundled) else name)
     return paths
 
@@ -152,7 +150,7 @@ def normalize_answer(text: str) -> str:
 
 def extract_answer(text: str) -> str:
     """The first non-empty line after the delimiter, less an "Answer:" / "The answer is" a model often restates."""
-    lines = (ANSWER_LEAD_IN.sub("", line.strip(), count=1).strip() for line in text.strip().splitlines())
+    lines = (ANSWER_LEAD_IN.sub("", line.strip(), count=1).strip() for line in text.splitlines())
     return next((line for line in lines if line), "")
 
 
@@ -161,7 +159,7 @@ def is_correct(prediction: str, row: dict) -> bool:
     the prediction's first word decides: "No, because ..." answers no."""
     pred = normalize_answer(prediction)
     refs = [normalize_answer(a) for a in [row["answer"], *row.get("aliases", [])]]
-    if all(r in YES_NO for r in refs):
+    if all(r in ("yes", "no", "true", "false") for r in refs):
         pred = pred.partition(" ")[0]
     return pred in refs
 

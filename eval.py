@@ -52,7 +52,7 @@ def mc_options(row):
         return options if any(is_correct(o, row) for o in options) else options + [answer]
     for pair in (("yes", "no"), ("true", "false")):
         if norm in pair:  # spelled like the reference (Yes/No, YES/NO): only the word differs
-            return [answer if w == norm else w.upper() if answer.isupper() and len(answer) > 1
+            return [answer if w == norm else w.upper() if answer.isupper()
                     else w.capitalize() if answer[:1].isupper() else w for w in pair]
     found = re.findall(r"\(([A-Za-z])\)\s*([^()\n]+)", row["question"])  # "(A) text (B) text"
     label = re.fullmatch(r"\W*([A-Za-z])\W*", answer)

@@ -19,13 +19,13 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file, save
 
 from checkpoint import atomic_write, save_model
 from model import hf_names
 
 # every linear of a block that can be adapted, in model order -> the submodule holding it
 TARGETS = dict(wq="attn", wk="attn", wv="attn", wo="attn", w_gate="mlp", w_up="mlp", w_down="mlp")
-ATTN_TARGETS = ("wq", "wk", "wv", "wo")  # the default
 ADAPTER_FILE, CONFIG_FILE = "adapter_model.safetensors", "adapter_config.json"
 PEFT_PREFIX = "base_model.model."  # PEFT wraps the HF model: base_model (LoraModel) . model (…ForCausalLM)
 
@@ -36,8 +36,7 @@ class LoRALinear(nn.Linear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, generator=None):
         nn.Module.__init__(self)  # not nn.Linear.__init__: that would allocate a second weight
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.weight = base.weight
-        self.register_parameter("bias", base.bias)
+        self.weight, self.bias = base.weight, base.bias
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         A = torch.empty(rank, self.in_features, dtype=torch.float32)  # drawn on CPU: one generator for any device
         nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)  # what nn.Linear and PEFT use for A
@@ -61,7 +60,7 @@ def lora_modules(model) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=ATTN_TARGETS, seed: int = 0) -> list:
+def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets="wq,wk,wv,wo", seed: int = 0) -> list:
     """Adapt `targets` (of TARGETS; a list or "wq,wv") in every block, freeze the rest, and return the adapter
     parameters in model order. A is seeded by `seed`; adapters are made fp32 on the base weights' device,
     so give the model its device and dtype first (a later .to(bf16) would cast them too)."""
@@ -69,16 +68,14 @@ def apply_lora(model, rank: int, alpha: float, dropout: float = 0.0, targets=ATT
     if rank <= 0 or not targets or set(targets) - set(TARGETS):
         raise ValueError(f"LoRA needs a rank > 0 (got {rank}) and targets among {tuple(TARGETS)} (got {targets})")
     model.requires_grad_(False)
-    params, generator = [], torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
     for block in model.layers:
         for name in [t for t in TARGETS if t in targets]:  # model order, whatever the order given
             parent = getattr(block, TARGETS[name])
             if isinstance(getattr(parent, name), LoRALinear):
                 raise ValueError(f"{name} is already adapted")
-            adapted = LoRALinear(getattr(parent, name), rank, alpha, dropout, generator=generator)
-            setattr(parent, name, adapted)
-            params += [adapted.lora_A, adapted.lora_B]
-    return params
+            setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, generator=generator))
+    return list(adapter_params(model).values())
 
 
 @torch.no_grad()
@@ -104,7 +101,6 @@ def adapter_params(model) -> dict[str, nn.Parameter]:
 
 def save_adapters(model, path, base_model: str = ""):
     """adapter_model.safetensors + adapter_config.json in `path` (PEFT's layout), each written atomically."""
-    from safetensors.torch import save
     params = adapter_params(model)
     if not params:
         raise ValueError("the model has no LoRA adapters to save")
@@ -119,10 +115,10 @@ def save_adapters(model, path, base_model: str = ""):
         inference_mode=True, init_lora_weights=True, modules_to_save=None, use_rslora=False, use_dora=False))
 
 
+@torch.no_grad()
 def load_adapters(model, path):
     """Load adapters saved by save_adapters (or by peft) into `model`, which is first adapted with the saved
     rank, alpha, dropout and targets if it has no adapters; adapted, it must match them. Returns their params."""
-    from safetensors.torch import load_file
     with open(os.path.join(path, CONFIG_FILE)) as f:
         config = json.load(f)
     if config.get("use_dora") or config.get("use_rslora") or config.get("bias", "none") != "none":
@@ -140,9 +136,8 @@ def load_adapters(model, path):
     if missing or extra or (m.rank, m.alpha) != (config["r"], config["lora_alpha"]):
         raise ValueError(f"{path}: adapters (r={config['r']}, alpha={config['lora_alpha']}) do not match the model's "
                          f"(r={m.rank}, alpha={m.alpha}; missing {missing[:3]}, extra {extra[:3]})")
-    with torch.no_grad():
-        for key, p in params.items():
-            p.copy_(state[key])
+    for key, p in params.items():
+        p.copy_(state[key])
     return list(params.values())
 
 

@@ -9,21 +9,17 @@ Choices
   - RoPE uses the rotate-half layout that HF checkpoints are saved in; angles are computed in fp32 on the fly for
     the positions at hand, so a 128k-context Llama 3.1 costs no 128k-row table.
   - Attention goes through `F.scaled_dot_product_attention`: SDPA's causal fast path without a cache, padding or
-    a window, else a boolean mask built from position tensors. A KV cache (sample.py) is any object with lists
-    `k`/`v` of per-layer (rows, kv_heads, max_len, head_dim) tensors: a chunk is written in place at its position
-    tensor and attention spans all max_len slots (unwritten ones masked), so a decode step has the same shapes at
-    every position. Left padding is `key_valid` (rows, keys): pad slots are never attended to.
+    a window, else a boolean mask built from position tensors. A KV cache (sample.KVCache) is written in place at
+    a position tensor and attended over all its slots, unwritten ones masked, so a decode step has the same shapes
+    at every position. Left padding is `key_valid` (rows, keys): pad slots are never attended to.
   - No Python branch depends on a tensor's shape or value, so torch.compile(dynamic=True) traces the whole
     forward, layer loop included, as one graph (sample.compile_model compiles it).
   - `token_logprobs` returns log π(token_t | tokens_<t) only at the positions asked for, computing logits in
     chunks (recomputed in backward under autograd), so no fp32 (B, T, vocab) tensor exists.
   - Norms, softmaxes and the vocabulary projection (`logits`) run in fp32 whatever the weight dtype or autocast:
     sampled and trained log-probs are never rounded to bf16.
-
-Left out
-  Biases in attention/MLP (no supported family uses them), rope scaling types other than `llama3` (an error,
-  never an approximation), a rolling sliding-window cache (the cache keeps every position and the mask enforces
-  the window), tensor parallelism.
+Left out: biases in attention/MLP (no supported family uses them), rope scaling types other than `llama3` (an
+error, never an approximation), a rolling sliding-window cache (the mask enforces the window), tensor parallelism.
 """
 import math
 from dataclasses import dataclass, field
@@ -49,7 +45,6 @@ class ModelConfig:
     tie_embeddings: bool = False
     sliding_window: int | None = None  # Mistral v0.1: a query attends to the last `sliding_window` keys
     max_seq_len: int = 2048  # transformers' default when config.json omits it
-    model_type: str = "llama"
     hf: dict = field(default_factory=dict, repr=False)  # the original config.json, written back on save
 
     @classmethod
@@ -75,7 +70,7 @@ class ModelConfig:
                    head_dim=d.get("head_dim") or d["hidden_size"] // n_heads, norm_eps=d.get("rms_norm_eps", 1e-5),
                    rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
                    rope_scaling=dict(rope, rope_type="llama3") if rope_type == "llama3" else None,
-                   tie_embeddings=bool(d.get("tie_word_embeddings", False)), model_type=model_type, hf=dict(d),
+                   tie_embeddings=bool(d.get("tie_word_embeddings", False)), hf=dict(d),
                    sliding_window=d.get("sliding_window") if model_type == "mistral" else None,
                    max_seq_len=d.get("max_position_embeddings", 2048))
 
@@ -144,9 +139,7 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         q, k, v = (F.linear(x, self.fused).split([self.wq.out_features, *[self.wk.out_features] * 2], -1)
                    if self.fused is not None else (self.wq(x), self.wk(x), self.wv(x)))
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, hd)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H or H_kv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:  # write at the position tensor (an in-place index_put), attend over all slots
             cache.k[layer][:, :, pos] = k.to(cache.k[layer].dtype)
@@ -253,9 +246,8 @@ class Transformer(nn.Module):
 def token_logprobs(model: Transformer, tokens, mask, key_valid=None, chunk=1024):
     """log π(tokens[:, t] | tokens[:, :t]) at every t where mask[:, t] is True; zeros elsewhere. (B, T) fp32.
 
-    Only the selected positions go through the vocabulary projection, `chunk` rows at a time, in fp32 (fp32
-    operands and accumulation even under bf16 autocast); with autograd on and more than one chunk, each chunk's
-    logits are recomputed in backward instead of being stored: memory stays at one chunk × vocab, any batch."""
+    Only the selected positions go through the vocabulary projection (fp32), `chunk` rows at a time; under autograd
+    with several chunks, each chunk's logits are recomputed in backward, not stored: memory is one chunk × vocab."""
     # The hidden state at position t predicts token t+1: drop the last position of the inputs and the
     # first of the targets, so h[:, t] lines up with tokens[:, t+1]; the output is shifted back at the end.
     h = model.hidden(tokens[:, :-1], key_valid=key_valid)        # (B, T-1, dim)

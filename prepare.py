@@ -98,12 +98,11 @@ def read_gguf(buf):
 
 def dequantize(raw, ggml_type, shape):
     """Raw GGUF tensor bytes -> float32 numpy array of `shape`, vectorised over blocks."""
-    block, dtype = GGML_TYPES[ggml_type]
-    b = np.frombuffer(raw, dtype, int(np.prod(shape)) // block)
-    if not dtype.names:  # F32, F16
+    b = np.frombuffer(raw, GGML_TYPES[ggml_type][1])  # a record per block: read_gguf took exactly the tensor's bytes
+    if not b.dtype.names:  # F32, F16
         return b.astype(np.float32).reshape(shape)
     # Q8_0: value = d * q. Q4_1: value = d * q + m, low nibbles are elements 0-15 and high ones 16-31.
-    q4_1 = "m" in dtype.names
+    q4_1 = "m" in b.dtype.names
     q = np.concatenate([b["q"] & 15, b["q"] >> 4], axis=1) if q4_1 else b["q"]
     m = b["m"].astype(np.float32)[:, None] if q4_1 else 0
     return (b["d"].astype(np.float32)[:, None] * q + m).reshape(shape)
@@ -111,8 +110,7 @@ def dequantize(raw, ggml_type, shape):
 
 def unpermute_qk(w, n_head):
     """Undo llama.cpp's per-head row interleave of q/k, back to HF's rotate-half row order."""
-    rows, cols = w.shape
-    return w.reshape(n_head, rows // n_head // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    return w.reshape(n_head, -1, 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
 
 
 NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",

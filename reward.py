@@ -9,9 +9,8 @@ What it is (names as in NRT.md, the method in this repository)
 
 Choices
   - Everything is computed from log c (log-probs), so Π c over many tokens underflows to 0, never NaN.
-  - `score_answers` is the one teacher-forced forward that reads log c after a trace: train.py uses it with
-    gradients (its training forward gives both the rewards and the loss) and without for the empty traces;
-    eval.py and the SFT baseline use it too. It computes log-probs only where asked.
+  - `score_answers` is the one teacher-forced forward that reads log c after a trace, with gradients in training
+    (one forward gives both the rewards and the loss), without for the empty traces, in eval.py and SFT.
   - `sample_traces` is the one place a sampler result becomes traces (delimiter emitted or not).
 Left out: verifiers, learned reward models, and any reward on the trace text itself.
 """
@@ -98,8 +97,7 @@ class Batch:
 
 
 def build_batch(rows, delimiter_ids, device="cpu") -> Batch:
-    """Rows (prompt, trace, emitted, answer) of id lists → right-padded prompt ‖ z ‖ delimiter? ‖ y*‖EOS. The
-    delimiter is appended unless `emitted` (the trace ends with it: it belongs to the trace, no format loss)."""
+    """Rows (prompt, trace, emitted, answer) of id lists → right-padded prompt ‖ z ‖ delimiter? ‖ y*‖EOS."""
     seqs = [[(t, role) for role, ids in enumerate((prompt, trace, [] if emitted else delimiter_ids, answer))
              for t in ids] for prompt, trace, emitted, answer in rows]  # (token, role 0..3) pairs
     L = max(len(s) for s in seqs)
@@ -129,8 +127,7 @@ def score_answers(model, rows, delimiter_ids, trace_too=False):
     batch = build_batch(rows, delimiter_ids, model.embed.weight.device)
     want = batch.answer_mask | (batch.trace_mask | batch.format_mask if trace_too else False)
     logprobs = token_logprobs(model, batch.tokens, want)
-    logc, mask = answer_logc(logprobs, batch.answer_mask)
-    return batch, logprobs, logc, mask
+    return batch, logprobs, *answer_logc(logprobs, batch.answer_mask)
 
 
 @torch.no_grad()

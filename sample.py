@@ -165,8 +165,7 @@ def casting_weights_once(fn):
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256, temperature=1.0, top_k=0,
              top_p=1.0, stop_ids=(), stop_strings=(), decode=None, generator=None) -> Generation:
-    """Sample `num_samples` continuations of each prompt; rows are grouped by prompt (row = p*K + s).
-    Run it inside the caller's autocast for bf16-mixed: each linear weight is cast once per call."""
+    """Sample K = `num_samples` continuations of each prompt (row p*K + s); for bf16-mixed, call it under autocast."""
     if not prompts or not all(prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if stop_strings and decode is None:

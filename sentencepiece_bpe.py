@@ -1,8 +1,7 @@
 """SentencePiece-style BPE, exact to Hugging Face `tokenizers`: the tokenizer.json of Mistral 7B v0.1-v0.3
-(and Llama 2), which tiktoken cannot run: BPE over characters, each space written "▁" (SPACE), a character
-missing from the vocabulary falling back to one "<0xHH>" token per UTF-8 byte, merges ranked per pair in `merges`
-order, no regex split. tokenizer.py uses it in place of a tiktoken.Encoding, splitting off special tokens itself.
-Left out: Unigram models, BPE dropout, other normalizers.
+(and Llama 2), which tiktoken cannot run: BPE over characters with byte fallback (the rules: SentencePieceBPE),
+each space written "▁" (SPACE), no regex split. tokenizer.py uses it in place of a tiktoken.Encoding, splitting
+off special tokens itself. Left out: Unigram models, BPE dropout, other normalizers.
 """
 import heapq
 import itertools
@@ -44,7 +43,7 @@ class SentencePieceBPE:
     - symbols: one per character, its vocab id, else its bytes' "<0xHH>" ids, else <unk> (one per run with fuse_unk,
       none if there is no <unk>); then merge, repeatedly, the adjacent pair listed first in `merges` (ties: leftmost).
     - speed: words, cut before each "▁" after another character, are merged alone, with a cache: the same ids when
-      no merge result has a non-"▁" character before a "▁" (Mistral, Llama 2; checked at load, else no cut)."""
+      no vocab string has a non-"▁" character before a "▁" (Mistral, Llama 2; checked at load, else no cut)."""
 
     def __init__(self, path, d):
         model = d["model"]
@@ -58,20 +57,19 @@ class SentencePieceBPE:
             raise ValueError(f"{path}: two vocab strings share an id, or more than 2**20 ids")
         self._vocab, self._cache = vocab, {}  # word -> ids
         # pair (a, b) as a * n + b -> rank << 20 | id of a+b, ordered by rank; a repeated pair keeps its last rank (HF)
-        self._merges, results = {}, set()
+        self._merges = {}
         for rank, m in enumerate(model.get("merges", [])):
             a, b = m.split(" ", 1) if isinstance(m, str) else m
             if a not in vocab or b not in vocab or a + b not in vocab:
                 raise ValueError(f"{path}: merge #{rank} ({a!r} + {b!r}): a string not in the vocab")
             self._merges[vocab[a] * n + vocab[b]] = rank << 20 | vocab[a + b]
-            results.add(a + b)
         self._byte_ids = [vocab.get(f"<0x{b:02X}>") if model.get("byte_fallback") else None for b in range(256)]
         self._unk, self._fuse_unk = vocab.get(model.get("unk_token") or ""), model.get("fuse_unk", False)
         tokens = [*vocab.items(), *self.specials.items()]
         self._text = {i: s.replace(SPACE, " ") for s, i in tokens}  # for decode: id -> text, or byte
         self._byte_of = {i: int(s[3:5], 16) for s, i in tokens if re.fullmatch("<0x[0-9A-Fa-f]{2}>", s)}
         self._strip = _decoder_strips(d.get("decoder"))
-        cuttable = SPACE in vocab and not any(x != SPACE and y == SPACE for r in results for x, y in zip(r, r[1:]))
+        cuttable = SPACE in vocab and not any(x != SPACE and y == SPACE for s in vocab for x, y in zip(s, s[1:]))
         words = f"{SPACE}[^{SPACE}]*|[^{SPACE}]+" if split else f"{SPACE}*[^{SPACE}]+|{SPACE}+"
         self._words = re.compile(words if split or cuttable else "(?s).+")
 

@@ -82,15 +82,13 @@ def _hf_pattern(pre, path):
 
 def _read_json(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not a valid JSON file ({e})") from None
 
 
 def _load_hf(path, d):
-    """tokenizer.json -> a SentencePieceBPE if it writes the text with "▁" (SentencePiece-style), else byte-level BPE:
-    (split regex, {token bytes: id}, {special: id})."""
+    """tokenizer.json -> a Tokenizer source: a SentencePieceBPE if it writes the text with "▁", else byte-level BPE."""
     model = d["model"] or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: model type {model.get('type')!r} is not supported; only BPE is")

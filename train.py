@@ -141,9 +141,8 @@ def nrt_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, seed, wo
     norm = per_batch * world * cfg.samples_per_question * cfg.max_think_tokens  # a constant token count
     results, grad_norms = [], []
     for m in range(cfg.minibatches):  # the gradients start cleared (apply_update clears them)
-        part = slice(m * per_batch, (m + 1) * per_batch)
-        for g, lc0, old in zip(groups[part], logc_empty[part], frozen[part]):
-            results.append(train_on_group(model, g, lc0, old, delimiter_ids, cfg, amp, norm))
+        for i in range(m * per_batch, (m + 1) * per_batch):
+            results.append(train_on_group(model, groups[i], logc_empty[i], frozen[i], delimiter_ids, cfg, amp, norm))
         grad_norms.append(apply_update(model, optimizer, cfg, world))
     times = {"time/rollout": t1 - t0, "time/score_empty": t2 - t1, "time/update": time.time() - t2}
     return step_log(groups, results, grad_norms, times, cfg), list(zip(groups, results))
@@ -202,12 +201,11 @@ def total_loss(terms, cfg):
 
 def advantages(logc, logc_empty, mask, cfg):
     """R_k = f(c_k), R(∅) = f(c^∅), R'_k (baseline clip), A_k = group-normalised R'_k."""
-    K = logc.shape[0]
-    empty = logc_empty.expand(K, -1)  # (T,) → (K, T): the same weights for every trace
+    empty = logc_empty.expand_as(logc)  # (T,) → (K, T): the same weights for every trace
     R = aggregate(cfg.aggregation, logc, mask, empty)
     R_empty = aggregate(cfg.aggregation, empty[:1], mask[:1], empty[:1])[0]
     R_prime = clip_to_baseline(R, R_empty) if cfg.baseline_clip else R
-    A, zero_std = group_normalise(R_prime, K)
+    A, zero_std = group_normalise(R_prime, len(R))
     return R, R_empty, A, zero_std[0]
 
 
@@ -345,14 +343,13 @@ def main(argv=None):
     before = heldout_eval(model, tok, cfg, amp, "before", start) if rank == 0 and start == 0 else None
     stop = stop_on_signals()  # Ctrl-C or SIGTERM (a scheduler's preemption): finish the step, save, exit non-zero
     t_start, step, skipped = time.time(), start, 0
-    B = cfg.questions_per_step
     while step < cfg.steps:
         out_of_time = cfg.time_budget_min > 0 and time.time() - t_start > 60 * cfg.time_budget_min
         if any_rank(bool(stop) or out_of_time, world):
             break
         for group in optimizer.param_groups:
             group["lr"] = lr = lr_at(step, cfg)
-        questions = step_questions(rows, step, B, cfg.seed)[rank * B // world:(rank + 1) * B // world]
+        questions = step_questions(rows, step, cfg.questions_per_step, cfg.seed)[rank::world]  # this rank's share
         if cfg.method == "sft":
             log, examples = sft_step(model, optimizer, tok, delimiter_ids, questions, cfg, amp, world)
         else:  # each rank samples with its own stream: seeded by (seed, step, rank)

@@ -656,9 +656,8 @@ import test_train as T
 from parallel import all_reduce_grads, finish_distributed, init_distributed
 rank, world, _ = init_distributed("cpu")
 model = T.tiny_model(seed=3)
-groups = T.manual_groups()  # fixed traces: each rank takes its contiguous share, as train.py does
-share = groups[rank * len(groups) // world:(rank + 1) * len(groups) // world]
-T.train_groups(model, share, [2], T.make_cfg(samples_per_question=4, max_think_tokens=5), world)
+groups = T.manual_groups()  # fixed traces: each rank takes every world-th one, as train.py does
+T.train_groups(model, groups[rank::world], [2], T.make_cfg(samples_per_question=4, max_think_tokens=5), world)
 all_reduce_grads(model, world)
 if rank == 0:
     torch.save([p.grad for p in model.parameters()], sys.argv[1])
