@@ -305,10 +305,8 @@ def take_lock(out):
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            with f:
-                f.seek(0)
-                pid = f.read().strip()
-            raise SystemExit(f"--out_dir={out} is in use by another run (pid {pid}; lock file {path})") from None
+            f.seek(0)  # the holder wrote its pid there
+            raise SystemExit(f"--out_dir={out} is in use by another run (pid {f.read().strip()}, in {path})") from None
         if os.fstat(f.fileno()).st_nlink == 0:  # its holder deleted it on exit as we opened it: open the new one
             f.close()
             continue
@@ -345,14 +343,14 @@ def save_checkpoint(model, optimizer, step, cfg, tokenizer_dir):
     unless save_merged=False), `tokenizer_dir`'s tokenizer files and train_state.pt (optimizer, step, config); then the
     manifest (the commit point); then switched in. A failed write names the file and keeps the previous checkpoint."""
     from lora import save_adapters, save_merged
-    out, stage = cfg["out_dir"], os.path.join(cfg["out_dir"], STAGING)
+    out, stage = cfg.out_dir, os.path.join(cfg.out_dir, STAGING)
     check_finite(model, f"the weights at step {step}")
     try:
         shutil.rmtree(stage, ignore_errors=True)
         os.makedirs(stage)
-        if cfg["lora_rank"] > 0:
-            save_adapters(model, stage, cfg["model_dir"])
-            if cfg["save_merged"]:
+        if cfg.lora_rank > 0:
+            save_adapters(model, stage, cfg.model_dir)
+            if cfg.save_merged:
                 save_merged(model, stage)
         else:
             save_model(model, stage)

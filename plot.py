@@ -15,8 +15,7 @@ import sys
 
 import cli
 
-# out: the PNG ("" = <first run dir>/curves.png); smooth: trailing moving-average window in steps (1 = raw)
-DEFAULTS = dict(out="", smooth=1)
+DEFAULTS = dict(out="", smooth=1)  # the PNG ("" = <first run dir>/curves.png); moving-average window (1 = raw)
 # (title, keys): the keys, or a key prefix meaning every key under it; line styles STYLES in that order
 PANELS = [
     ("reward: traces (solid) vs empty trace (dashed)", ["reward", "nrt/reward_empty"]),

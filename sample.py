@@ -258,14 +258,14 @@ def main():
     print_config(cfg)
     check_ranges(cfg, max_new_tokens=(cfg.max_new_tokens >= 1, "≥ 1"), temperature=(cfg.temperature >= 0, "≥ 0"),
                  num_samples=(cfg.num_samples >= 1, "≥ 1"), top_p=(0 < cfg.top_p <= 1, "in (0, 1]"))
-    device = resolve_device(cfg["device"])
-    weight_dtype, autocast = resolve_precision(cfg["dtype"], device)
-    model, tok = load(cfg["model_dir"], weight_dtype, device)
-    if cfg["compile"]:
+    device = resolve_device(cfg.device)
+    weight_dtype, autocast = resolve_precision(cfg.dtype, device)
+    model, tok = load(cfg.model_dir, weight_dtype, device)
+    if cfg.compile:
         compile_model(model)
-    prompt = tok.encode_chat([{"role": "user", "content": cfg["prompt"]}]) if cfg["chat"] \
-        else tok.encode(cfg["prompt"], bos=tok.bos_id is not None)
-    gen, t0 = torch.Generator(device=device).manual_seed(cfg["seed"]), time.perf_counter()
+    prompt = tok.encode_chat([{"role": "user", "content": cfg.prompt}]) if cfg.chat \
+        else tok.encode(cfg.prompt, bos=tok.bos_id is not None)
+    gen, t0 = torch.Generator(device=device).manual_seed(cfg.seed), time.perf_counter()
     with autocast():
         out = generate(model, [prompt], stop_ids=tok.stop_ids, generator=gen,
                        **{k: cfg[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "top_p")})

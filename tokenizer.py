@@ -6,9 +6,8 @@ Mistral 7B v0.1-v0.3, Llama 2), original/tokenizer.model or tokenizer.model (Lla
 It sets n_vocab, bos_id, eos_id (ends an assistant turn), stop_ids and chat_format ('chatml', 'llama3',
 'mistral' or 'plain'; from the chat template, overridable).
 
-Choices: byte-level formats become one tiktoken.Encoding whose token values are the model's ids, tested
-id for id against HF (see _load_hf for when tiktoken's merges are HF's, Tokenizer.__init__ for bytes with
-no token); SentencePiece-style BPE, which tiktoken cannot run, is sentencepiece_bpe.py. allow_special=False
+Choices: byte-level formats become one tiktoken.Encoding whose token values are the model's ids, tested id for
+id against HF; SentencePiece-style BPE, which tiktoken cannot run, is sentencepiece_bpe.py. allow_special=False
 (the default) encodes text that spells a special token ("<|im_end|>") as ordinary text, so user data cannot
 inject control tokens; encode_chat puts the special ids in.
 Left out: Unigram models, normalizers other than SentencePiece's space handling, add_prefix_space, ids out

@@ -9,6 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
+from cli import Config  # noqa: E402
 
 REAL = ROOT / "models" / "SmolLM2-135M-Instruct"
 
@@ -178,7 +179,7 @@ def tiny_wheel(tmp_path, monkeypatch):
 def test_main_writes_a_valid_hf_directory(tmp_path, tiny_wheel, capsys):
     from safetensors.numpy import load_file
     out = tmp_path / "models" / "tiny"
-    prepare.main({"out_dir": str(out), "cache_dir": str(tmp_path / "cache"), "force": False})
+    prepare.main(Config(out_dir=str(out), cache_dir=str(tmp_path / "cache"), force=False))
     assert sorted(os.listdir(out)) == sorted(prepare.FILES)
     assert os.listdir(out.parent) == ["tiny"]  # no temp dirs left behind
     config = json.loads((out / "config.json").read_text())
@@ -198,7 +199,7 @@ def test_main_writes_a_valid_hf_directory(tmp_path, tiny_wheel, capsys):
     assert enc.tokens == ["<|im_start|>", "hello", "Ġ", "1", "2"] and enc.ids[:2] == [1, 262]
     assert tok.decode(tok.encode("héllo wörld\n").ids) == "héllo wörld\n"
     capsys.readouterr()
-    prepare.main({"out_dir": str(out), "cache_dir": str(tmp_path / "cache"), "force": False})
+    prepare.main(Config(out_dir=str(out), cache_dir=str(tmp_path / "cache"), force=False))
     assert "already holds a valid model" in capsys.readouterr().out
 
 
@@ -208,7 +209,7 @@ def test_failed_build_leaves_nothing(tmp_path, tiny_wheel, monkeypatch):
     monkeypatch.setattr(prepare, "save_file", boom)
     out = tmp_path / "models" / "tiny"
     with pytest.raises(RuntimeError, match="disk full"):
-        prepare.main({"out_dir": str(out), "cache_dir": str(tmp_path / "cache"), "force": False})
+        prepare.main(Config(out_dir=str(out), cache_dir=str(tmp_path / "cache"), force=False))
     assert os.listdir(out.parent) == []
 
 
