@@ -28,9 +28,8 @@ DEFAULTS = dict(
     compile=True,         # also time the decode after sample.compile_model (compiling takes ~1 min on CPU)
     naive=True,           # the naive loop at 256 tokens takes about a minute on 2 CPU cores
     hf=True,              # also time Hugging Face generate, if transformers is installed
-    repeats=2,            # best of N for the cached runs
 )
-PROMPT, NEW, SCORE = 64, 256, (8, 256)  # prompt tokens, new tokens of every decode, scored rows × tokens
+PROMPT, NEW, SCORE, REPEATS = 64, 256, (8, 256), 2  # decode: prompt, new tokens; scored rows × tokens; best of N
 
 
 def main():
@@ -46,7 +45,7 @@ def main():
     results = {}
     sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None  # time the kernels, not the launch
 
-    def rate(key, fn, n, repeats=cfg.repeats):
+    def rate(key, fn, n, repeats=REPEATS):
         """results[key] = n / the best wall time of `repeats` calls of fn (the first also warms up allocator and
         kernels), each under no_grad and autocast; printed under its key (ending in the unit). Returns fn's result."""
         best = float("inf")
@@ -112,8 +111,7 @@ def main():
                        max_new_tokens=NEW, min_new_tokens=NEW, pad_token_id=0), rows * NEW)
             fastest = max(results[f"decode_b{rows}_tok_s"], results.get(f"decode_b{rows}_compiled_tok_s", 0))
             results[f"ours_vs_hf_b{rows}"] = fastest / results[f"hf_b{rows}_tok_s"]
-            same = out[0, len(prompt):].tolist() == tokens[rows]
-            results["greedy_equals_hf" if rows == 1 else "greedy_equals_hf_b8"] = same
+            results[f"greedy_equals_hf_b{rows}"] = out[0, len(prompt):].tolist() == tokens[rows]
         print(f"HF generate batch 1 is {results['hf_b1_tok_s'] / results['matmul_floor_b1_tok_s']:.0%} of the floor")
 
     results["peak_mem_mb"] = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")

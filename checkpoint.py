@@ -4,9 +4,8 @@
 through model.py's name table; `prepare_out_dir`, `save_checkpoint` and `load_for_training` own train.py's out_dir:
 its rules, its lock, its checkpoints. Choices: a load copies one tensor at a time into the allocated parameters (never
 two copies in memory); every file is written under a temp name, then renamed; out_dir is itself a model directory. A
-checkpoint is one unit: its files go to out_dir/.ckpt-tmp, then its manifest (the commit point), then they are renamed
-into place; the next start finishes or discards a save cut short, so kill -9 at any instant leaves the last complete
-checkpoint.
+checkpoint is one unit: its files go to out_dir/.ckpt-tmp, then its manifest (the commit point), then all are renamed
+into place; the next start finishes or discards a save cut short. Kill -9 at any instant leaves the last one whole.
 Left out: formats other than safetensors (.bin pickles, GGUF: prepare.py converts the default); writing shards (one
 file of any size loads in transformers too).
 """

@@ -55,8 +55,7 @@ def _no_duplicate_keys(pairs):
 
 
 def load_qa(path, with_lines=False):
-    """Rows {"question", "answer", "aliases"?} of a JSONL file (with_lines: (row, "file:line") pairs); a bad line
-    is an error naming it."""
+    """Rows {"question", "answer", "aliases"?} of a JSONL file (with_lines: (row, "file:line")); bad lines are named."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: not a file (expected JSONL with question/answer rows)")
     rows = []

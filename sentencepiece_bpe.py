@@ -7,7 +7,6 @@ import heapq
 import itertools
 import re
 
-
 SPACE = "\u2581"  # SentencePiece's visible space
 
 

@@ -87,7 +87,7 @@ def _read_json(path):
 
 
 def _load_hf(path, d):
-    """tokenizer.json -> a Tokenizer source: a SentencePieceBPE if it writes the text with "▁", else byte-level BPE."""
+    """tokenizer.json -> a Tokenizer source: SentencePieceBPE if it writes the text with "▁", else byte-level BPE."""
     model = d["model"] or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: model type {model.get('type')!r} is not supported; only BPE is")

@@ -344,7 +344,7 @@ def test_a_trace_writing_the_delimiter_mid_line_counts_as_emitted(monkeypatch):
     def scripted_generate(model, prompts, **kw):
         seen["stops"], ids = kw["stop_strings"], list(b"so it is 7. Answer:")
         seen["stopped"] = sample.matches_stop_string(ids, kw["stop_strings"], lambda t: bytes(t).decode())
-        return sample.Generation([ids], [[-1.0] * len(ids)], ["stop_string"], [0])
+        return sample.Generation([ids], [[-1.0] * len(ids)], ["stop_string"])
 
     monkeypatch.setattr(reward, "generate", scripted_generate)
     tok = types.SimpleNamespace(stop_ids={0}, decode=lambda t: bytes(t).decode())
